@@ -1,0 +1,3 @@
+//! Wire formats Kiln speaks.
+
+pub mod v2;
