@@ -8,3 +8,4 @@ pub mod backends;
 pub mod cli;
 pub mod logging;
 pub mod protocol;
+pub mod serve;

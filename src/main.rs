@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Predict(args) => kiln::cli::predict::run(args),
         Command::Inspect(args) => kiln::cli::inspect::run(args),
+        Command::Serve(args) => kiln::cli::serve::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 
 pub mod inspect;
 pub mod predict;
+pub mod serve;
 
 use std::path::PathBuf;
 
@@ -32,6 +33,8 @@ pub enum Command {
     Predict(predict::PredictArgs),
     /// Show a model's inputs, outputs, opsets, operators and which backends can run it.
     Inspect(inspect::InspectArgs),
+    /// Serve models over HTTP: Open Inference Protocol V2, V1, and Azure ML /score.
+    Serve(Box<crate::serve::config::ServeArgs>),
 }
 
 /// How a model is run: backend choice and engine settings.
