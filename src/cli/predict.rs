@@ -84,13 +84,17 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         outputs: selected_outputs,
     };
     let mut out = std::io::stdout().lock();
-    if args.pretty {
-        serde_json::to_writer_pretty(&mut out, &response)?;
+    let written = if args.pretty {
+        serde_json::to_writer_pretty(&mut out, &response).map_err(std::io::Error::from)
     } else {
-        serde_json::to_writer(&mut out, &response)?;
+        serde_json::to_writer(&mut out, &response).map_err(std::io::Error::from)
     }
-    writeln!(out)?;
-    Ok(())
+    .and_then(|()| writeln!(out));
+    match written {
+        // A reader that stopped early (`| head`) is not a failure of the prediction.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn display_input(input: &str) -> &str {

@@ -356,6 +356,8 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
         resp.headers_mut().insert(name, v);
     }
     let status = resp.status().as_u16();
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    span.in_scope(|| tracing::debug!(%method, %path, status, elapsed_us, "served"));
     state.metrics.observe_request(
         &served.model,
         &served.version,

@@ -95,3 +95,21 @@ pub fn flatten(v: &Value) -> Vec<Value> {
 pub fn kiln_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
+
+pub mod server;
+
+/// The project venv's Python (scripts/setup creates it with tritonclient and onnxruntime).
+pub fn python() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(p.is_file(), "{} missing: run scripts/setup test", p.display());
+    p
+}
+
+/// Runs a script from tests/python with the venv's Python; panics with its output on failure.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+    let out = std::process::Command::new(python()).arg(&path).args(args).output().expect("running python");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
