@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -85,11 +86,22 @@ pub enum Rejected {
 struct Queue {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// Instances blocked on the condition variable (a submit only signals when there are any).
+    sleepers: usize,
 }
+
+/// How long one idle instance polls the queue before it sleeps. Waking a sleeping thread costs
+/// tens of microseconds on a VM, more than a small model's compute; one spinning instance takes
+/// the next request without that cost, and stops after this long without work.
+const SPIN: Duration = Duration::from_micros(100);
 
 struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
+    /// Jobs queued, readable without the lock by the spinning instance.
+    pending: AtomicUsize,
+    /// True while one instance spins; the others sleep.
+    spinning: AtomicBool,
     settings: BatchSettings,
     metrics: ModelMetrics,
     stats: Arc<Stats>,
@@ -120,8 +132,10 @@ impl Batcher {
     ) -> std::io::Result<Self> {
         metrics.instances.set(sessions.len() as i64);
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false }),
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false, sleepers: 0 }),
             ready: Condvar::new(),
+            pending: AtomicUsize::new(0),
+            spinning: AtomicBool::new(false),
             settings,
             metrics,
             stats,
@@ -147,9 +161,13 @@ impl Batcher {
             return Err(Rejected::QueueFull(q.jobs.len()));
         }
         q.jobs.push_back(job);
+        self.shared.pending.store(q.jobs.len(), Ordering::Release);
         self.shared.metrics.queue_depth.set(q.jobs.len() as i64);
+        let wake = q.sleepers > 0;
         drop(q);
-        self.shared.ready.notify_one();
+        if wake {
+            self.shared.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -182,8 +200,23 @@ impl Drop for Batcher {
 
 /// Takes the next batch: the oldest live job plus compatible ones, waiting up to the queue delay
 /// for more. Returns `None` when the queue is closed and empty.
+/// Polls for work for up to [`SPIN`] when no other instance is already doing so.
+fn spin_for_work(shared: &Shared) {
+    if shared.spinning.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let until = Instant::now() + SPIN;
+    while shared.pending.load(Ordering::Acquire) == 0 && Instant::now() < until {
+        std::hint::spin_loop();
+    }
+    shared.spinning.store(false, Ordering::Release);
+}
+
 fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
     let settings = shared.settings;
+    if shared.pending.load(Ordering::Acquire) == 0 {
+        spin_for_work(shared);
+    }
     let mut q = shared.lock();
     let first = loop {
         match q.jobs.pop_front() {
@@ -193,7 +226,11 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
             }
             Some(job) => break job,
             None if q.closed => return None,
-            None => q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner()),
+            None => {
+                q.sleepers += 1;
+                q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                q.sleepers -= 1;
+            }
         }
     };
     let mut rows = first.rows;
@@ -222,9 +259,12 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
             if rows >= settings.max_batch_size || now >= deadline || q.closed {
                 break;
             }
+            q.sleepers += 1;
             q = shared.ready.wait_timeout(q, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            q.sleepers -= 1;
         }
     }
+    shared.pending.store(q.jobs.len(), Ordering::Release);
     shared.metrics.queue_depth.set(q.jobs.len() as i64);
     Some(batch)
 }
@@ -323,7 +363,7 @@ fn split(outputs: Vec<NamedTensor>, rows: &[usize]) -> Result<Vec<Vec<NamedTenso
 mod tests {
     use super::*;
     use kiln_runtime_core::{DataType, ModelMetadata, TensorSpec};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     /// Doubles its input and records the batch sizes it saw.
     struct Doubler {

@@ -189,8 +189,19 @@ impl Metrics {
         status: u16,
         elapsed: Duration,
     ) {
-        let status = status.to_string();
-        self.requests.with_label_values(&[model, version, protocol, &status]).inc();
+        let text;
+        let status = match status {
+            200 => "200",
+            400 => "400",
+            404 => "404",
+            429 => "429",
+            503 => "503",
+            other => {
+                text = other.to_string();
+                &text
+            }
+        };
+        self.requests.with_label_values(&[model, version, protocol, status]).inc();
         if !model.is_empty() {
             self.request_seconds
                 .with_label_values(&[model, version, protocol])

@@ -1,4 +1,4 @@
-//! Decoding of V2 inference request bodies, straight into typed tensor buffers.
+//! Decoding of V2 inference request headers into typed tensors.
 //!
 //! `data` arrays are never materialised as `serde_json::Value`: a visitor flattens nested arrays
 //! directly into a `Vec` of the tensor's element type, checking each element's JSON type and
@@ -7,8 +7,9 @@
 
 use std::fmt;
 
-use bytes::Bytes;
-use kiln_runtime_core::{DataType, Tensor, bf16, element_count, f16};
+use kiln_runtime_core::{DataType, Tensor, element_count};
+
+use super::data::decode_data;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -88,18 +89,15 @@ impl InferRequest {
     }
 }
 
-/// Decodes a JSON request header. `body_len` bounds buffer pre-allocation, so a request that
-/// claims an absurd shape cannot make the server allocate more than its body could fill.
+/// Decodes a JSON request header (the whole body of a JSON-only request).
 pub fn decode_request(json: &[u8]) -> Result<InferRequest, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(json);
-    let req = RequestSeed { body_len: json.len() }.deserialize(&mut de)?;
+    let req = RequestSeed.deserialize(&mut de)?;
     de.end()?;
     Ok(req)
 }
 
-struct RequestSeed {
-    body_len: usize,
-}
+struct RequestSeed;
 
 impl<'de> DeserializeSeed<'de> for RequestSeed {
     type Value = InferRequest;
@@ -123,7 +121,7 @@ impl<'de> Visitor<'de> for RequestSeed {
                 "id" => req.id = map.next_value()?,
                 "parameters" => req.parameters = map.next_value()?,
                 "inputs" => {
-                    req.inputs = map.next_value_seed(InputsSeed { body_len: self.body_len })?;
+                    req.inputs = map.next_value_seed(InputsSeed)?;
                     saw_inputs = true;
                 }
                 "outputs" => req.outputs = map.next_value()?,
@@ -141,9 +139,7 @@ impl<'de> Visitor<'de> for RequestSeed {
     }
 }
 
-struct InputsSeed {
-    body_len: usize,
-}
+struct InputsSeed;
 
 impl<'de> DeserializeSeed<'de> for InputsSeed {
     type Value = Vec<RequestInput>;
@@ -161,9 +157,7 @@ impl<'de> Visitor<'de> for InputsSeed {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::new();
-        while let Some(input) =
-            seq.next_element_seed(InputSeed { body_len: self.body_len, index: out.len() })?
-        {
+        while let Some(input) = seq.next_element_seed(InputSeed { index: out.len() })? {
             out.push(input);
         }
         Ok(out)
@@ -171,7 +165,6 @@ impl<'de> Visitor<'de> for InputsSeed {
 }
 
 struct InputSeed {
-    body_len: usize,
     index: usize,
 }
 
@@ -183,15 +176,12 @@ impl<'de> DeserializeSeed<'de> for InputSeed {
 }
 
 /// Shape as written: checked for negative values and overflow before anything is allocated.
-fn parse_shape(name: &str, dims: Vec<i64>) -> Result<Vec<usize>, String> {
+fn parse_shape(dims: &[i64]) -> Result<Vec<usize>, String> {
     let shape = dims
         .iter()
-        .map(|&d| {
-            usize::try_from(d)
-                .map_err(|_| format!("input \"{name}\": shape {dims:?} has a negative dimension"))
-        })
+        .map(|&d| usize::try_from(d).map_err(|_| format!("shape {dims:?} has a negative dimension")))
         .collect::<Result<Vec<_>, _>>()?;
-    element_count(&shape).map_err(|e| format!("input \"{name}\": {e}"))?;
+    element_count(&shape).map_err(|e| e.to_string())?;
     Ok(shape)
 }
 
@@ -207,15 +197,18 @@ impl<'de> Visitor<'de> for InputSeed {
         let mut shape: Option<Vec<usize>> = None;
         let mut datatype: Option<DataType> = None;
         let mut parameters = None;
-        let mut tensor_data: Option<TypedBuf> = None;
         let mut raw: Option<&'de RawValue> = None;
-        let label = |name: &Option<String>| name.clone().unwrap_or_else(|| format!("#{}", self.index));
+        let index = self.index;
+        let label = |name: &Option<String>| name.clone().unwrap_or_else(|| format!("#{index}"));
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match key.as_ref() {
                 "name" => name = Some(map.next_value()?),
                 "shape" => {
                     let dims: Vec<i64> = map.next_value()?;
-                    shape = Some(parse_shape(&label(&name), dims).map_err(de::Error::custom)?);
+                    shape = Some(
+                        parse_shape(&dims)
+                            .map_err(|e| de::Error::custom(format!("input \"{}\": {e}", label(&name))))?,
+                    );
                 }
                 "datatype" => {
                     let s: std::borrow::Cow<'de, str> = map.next_value()?;
@@ -225,19 +218,9 @@ impl<'de> Visitor<'de> for InputSeed {
                     );
                 }
                 "parameters" => parameters = map.next_value()?,
-                "data" => match datatype {
-                    Some(dt) => {
-                        let limit = data_limit(shape.as_deref());
-                        tensor_data = Some(map.next_value_seed(DataSeed {
-                            datatype: dt,
-                            limit,
-                            capacity: capacity(limit, self.body_len),
-                            name: label(&name),
-                        })?);
-                    }
-                    // Borrowed only: a RawValue is a slice of the body, so this copies nothing.
-                    None => raw = Some(map.next_value()?),
-                },
+                // Borrowed: a RawValue is a validated slice of the body; nothing is copied here.
+                // It is decoded below, once datatype and shape are known whatever the key order.
+                "data" => raw = Some(map.next_value()?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     return Err(de::Error::custom(format!(
@@ -252,18 +235,10 @@ impl<'de> Visitor<'de> for InputSeed {
         let shape = shape.ok_or_else(|| de::Error::custom(format!("input \"{name}\" has no \"shape\"")))?;
         let datatype =
             datatype.ok_or_else(|| de::Error::custom(format!("input \"{name}\" has no \"datatype\"")))?;
-        if let Some(raw) = raw {
-            let limit = data_limit(Some(&shape));
-            let seed =
-                DataSeed { datatype, limit, capacity: capacity(limit, self.body_len), name: name.clone() };
-            let mut de = serde_json::Deserializer::from_str(raw.get());
-            tensor_data = Some(seed.deserialize(&mut de).map_err(de::Error::custom)?);
-        }
-        let tensor = match tensor_data {
-            Some(buf) => Some(
-                buf.into_tensor(shape.clone())
-                    .map_err(|e| de::Error::custom(format!("input \"{name}\": {e}")))?,
-            ),
+        let tensor = match raw {
+            Some(raw) => {
+                Some(decode_data(raw.get(), datatype, shape.clone(), &name).map_err(de::Error::custom)?)
+            }
             None => None,
         };
         let input = RequestInput { name, shape, datatype, parameters, tensor };
@@ -279,263 +254,6 @@ impl<'de> Visitor<'de> for InputSeed {
             }
         }
         Ok(input)
-    }
-}
-
-/// Most elements a `data` array may hold: the shape's count when known.
-fn data_limit(shape: Option<&[usize]>) -> usize {
-    shape.and_then(|s| element_count(s).ok()).unwrap_or(usize::MAX)
-}
-
-/// Pre-allocation: never more than the body could hold (each JSON element takes ≥ 2 bytes).
-fn capacity(limit: usize, body_len: usize) -> usize {
-    limit.min(body_len / 2 + 1)
-}
-
-/// The decoded elements of one input, in the input's own element type.
-enum TypedBuf {
-    Bool(Vec<u8>),
-    U8(Vec<u8>),
-    U16(Vec<u16>),
-    U32(Vec<u32>),
-    U64(Vec<u64>),
-    I8(Vec<i8>),
-    I16(Vec<i16>),
-    I32(Vec<i32>),
-    I64(Vec<i64>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-    Bytes(Vec<Bytes>),
-}
-
-impl TypedBuf {
-    fn len(&self) -> usize {
-        match self {
-            TypedBuf::Bool(v) | TypedBuf::U8(v) => v.len(),
-            TypedBuf::U16(v) => v.len(),
-            TypedBuf::U32(v) => v.len(),
-            TypedBuf::U64(v) => v.len(),
-            TypedBuf::I8(v) => v.len(),
-            TypedBuf::I16(v) => v.len(),
-            TypedBuf::I32(v) => v.len(),
-            TypedBuf::I64(v) => v.len(),
-            TypedBuf::F16(v) => v.len(),
-            TypedBuf::Bf16(v) => v.len(),
-            TypedBuf::F32(v) => v.len(),
-            TypedBuf::F64(v) => v.len(),
-            TypedBuf::Bytes(v) => v.len(),
-        }
-    }
-
-    fn into_tensor(self, shape: Vec<usize>) -> Result<Tensor, kiln_runtime_core::Error> {
-        let needed = element_count(&shape)?;
-        if self.len() != needed {
-            return Err(kiln_runtime_core::Error::invalid_input(format!(
-                "data has {} elements, but shape {shape:?} needs {needed}",
-                self.len()
-            )));
-        }
-        match self {
-            TypedBuf::Bool(v) => Tensor::from_raw(DataType::Bool, shape, Bytes::from(v)),
-            TypedBuf::U8(v) => Tensor::from_vec(shape, v),
-            TypedBuf::U16(v) => Tensor::from_vec(shape, v),
-            TypedBuf::U32(v) => Tensor::from_vec(shape, v),
-            TypedBuf::U64(v) => Tensor::from_vec(shape, v),
-            TypedBuf::I8(v) => Tensor::from_vec(shape, v),
-            TypedBuf::I16(v) => Tensor::from_vec(shape, v),
-            TypedBuf::I32(v) => Tensor::from_vec(shape, v),
-            TypedBuf::I64(v) => Tensor::from_vec(shape, v),
-            TypedBuf::F16(v) => Tensor::from_vec(shape, v),
-            TypedBuf::Bf16(v) => Tensor::from_vec(shape, v),
-            TypedBuf::F32(v) => Tensor::from_vec(shape, v),
-            TypedBuf::F64(v) => Tensor::from_vec(shape, v),
-            TypedBuf::Bytes(v) => Tensor::from_strings(shape, v),
-        }
-    }
-}
-
-struct DataSeed {
-    datatype: DataType,
-    limit: usize,
-    capacity: usize,
-    name: String,
-}
-
-impl<'de> DeserializeSeed<'de> for DataSeed {
-    type Value = TypedBuf;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<TypedBuf, D::Error> {
-        fn run<'de, T: FromJson, D: Deserializer<'de>>(s: &DataSeed, d: D) -> Result<Vec<T>, D::Error> {
-            let mut out = Vec::with_capacity(s.capacity);
-            Flat { out: &mut out, limit: s.limit, name: &s.name }.deserialize(d)?;
-            Ok(out)
-        }
-        Ok(match self.datatype {
-            DataType::Bool => {
-                TypedBuf::Bool(run::<JsonBool, D>(&self, d)?.into_iter().map(|b| b.0).collect())
-            }
-            DataType::Uint8 => TypedBuf::U8(run(&self, d)?),
-            DataType::Uint16 => TypedBuf::U16(run(&self, d)?),
-            DataType::Uint32 => TypedBuf::U32(run(&self, d)?),
-            DataType::Uint64 => TypedBuf::U64(run(&self, d)?),
-            DataType::Int8 => TypedBuf::I8(run(&self, d)?),
-            DataType::Int16 => TypedBuf::I16(run(&self, d)?),
-            DataType::Int32 => TypedBuf::I32(run(&self, d)?),
-            DataType::Int64 => TypedBuf::I64(run(&self, d)?),
-            DataType::Fp16 => TypedBuf::F16(run(&self, d)?),
-            DataType::Bf16 => TypedBuf::Bf16(run(&self, d)?),
-            DataType::Fp32 => TypedBuf::F32(run(&self, d)?),
-            DataType::Fp64 => TypedBuf::F64(run(&self, d)?),
-            DataType::Bytes => TypedBuf::Bytes(run(&self, d)?),
-        })
-    }
-}
-
-/// An element type that can be read from one JSON scalar.
-trait FromJson: Sized {
-    const NAME: &'static str;
-    fn from_i64(v: i64) -> Option<Self>;
-    fn from_u64(v: u64) -> Option<Self>;
-    fn from_f64(_v: f64) -> Option<Self> {
-        None
-    }
-    fn from_bool(_v: bool) -> Option<Self> {
-        None
-    }
-    fn from_str(_v: &str) -> Option<Self> {
-        None
-    }
-}
-
-macro_rules! int_from_json {
-    ($($t:ty => $name:literal),*) => {$(
-        impl FromJson for $t {
-            const NAME: &'static str = $name;
-            fn from_i64(v: i64) -> Option<Self> { <$t>::try_from(v).ok() }
-            fn from_u64(v: u64) -> Option<Self> { <$t>::try_from(v).ok() }
-        }
-    )*};
-}
-int_from_json!(u8 => "UINT8", u16 => "UINT16", u32 => "UINT32", u64 => "UINT64",
-    i8 => "INT8", i16 => "INT16", i32 => "INT32", i64 => "INT64");
-
-macro_rules! float_from_json {
-    ($($t:ty => $name:literal, $conv:expr),*) => {$(
-        impl FromJson for $t {
-            const NAME: &'static str = $name;
-            fn from_i64(v: i64) -> Option<Self> { Some($conv(v as f64)) }
-            fn from_u64(v: u64) -> Option<Self> { Some($conv(v as f64)) }
-            fn from_f64(v: f64) -> Option<Self> { Some($conv(v)) }
-        }
-    )*};
-}
-float_from_json!(
-    f32 => "FP32", |v: f64| v as f32,
-    f64 => "FP64", |v: f64| v,
-    f16 => "FP16", f16::from_f64,
-    bf16 => "BF16", bf16::from_f64
-);
-
-struct JsonBool(u8);
-
-impl FromJson for JsonBool {
-    const NAME: &'static str = "BOOL";
-    fn from_i64(_: i64) -> Option<Self> {
-        None
-    }
-    fn from_u64(_: u64) -> Option<Self> {
-        None
-    }
-    fn from_bool(v: bool) -> Option<Self> {
-        Some(JsonBool(u8::from(v)))
-    }
-}
-
-impl FromJson for Bytes {
-    const NAME: &'static str = "BYTES";
-    fn from_i64(_: i64) -> Option<Self> {
-        None
-    }
-    fn from_u64(_: u64) -> Option<Self> {
-        None
-    }
-    fn from_str(v: &str) -> Option<Self> {
-        Some(Bytes::copy_from_slice(v.as_bytes()))
-    }
-}
-
-/// Flattens a (possibly nested) JSON array of scalars into `out`.
-struct Flat<'a, T> {
-    out: &'a mut Vec<T>,
-    limit: usize,
-    name: &'a str,
-}
-
-impl<'de, T: FromJson> DeserializeSeed<'de> for Flat<'_, T> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<T: FromJson> Flat<'_, T> {
-    fn push<E: de::Error>(&mut self, v: Option<T>, found: impl fmt::Display) -> Result<(), E> {
-        let index = self.out.len();
-        match v {
-            Some(v) if index < self.limit => {
-                self.out.push(v);
-                Ok(())
-            }
-            Some(_) => Err(E::custom(format!(
-                "input \"{}\": data has more elements than its shape allows ({})",
-                self.name, self.limit
-            ))),
-            None => Err(E::custom(format!(
-                "input \"{}\": data element {index} is {found}, which is not a valid {} value",
-                self.name,
-                T::NAME
-            ))),
-        }
-    }
-}
-
-impl<'de, T: FromJson> Visitor<'de> for Flat<'_, T> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "an array of {} values", T::NAME)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq
-            .next_element_seed(Flat { out: &mut *self.out, limit: self.limit, name: self.name })?
-            .is_some()
-        {}
-        Ok(())
-    }
-
-    fn visit_bool<E: de::Error>(mut self, v: bool) -> Result<(), E> {
-        self.push(T::from_bool(v), v)
-    }
-    fn visit_i64<E: de::Error>(mut self, v: i64) -> Result<(), E> {
-        self.push(T::from_i64(v), v)
-    }
-    fn visit_u64<E: de::Error>(mut self, v: u64) -> Result<(), E> {
-        self.push(T::from_u64(v), v)
-    }
-    fn visit_f64<E: de::Error>(mut self, v: f64) -> Result<(), E> {
-        self.push(T::from_f64(v), v)
-    }
-    fn visit_str<E: de::Error>(mut self, v: &str) -> Result<(), E> {
-        self.push(T::from_str(v), format_args!("the string {v:?}"))
-    }
-    fn visit_unit<E: de::Error>(mut self) -> Result<(), E> {
-        self.push(None, "null")
-    }
-    fn visit_map<A: MapAccess<'de>>(mut self, _map: A) -> Result<(), A::Error> {
-        self.push(None, "an object")
     }
 }
 

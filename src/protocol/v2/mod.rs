@@ -1,5 +1,6 @@
 //! The KServe Open Inference Protocol (V2) REST message formats.
 
+mod data;
 mod decode;
 mod encode;
 
