@@ -8,4 +8,5 @@ pub mod backends;
 pub mod cli;
 pub mod logging;
 pub mod protocol;
+pub mod registry;
 pub mod serve;

@@ -9,10 +9,13 @@ fn main() -> ExitCode {
         eprintln!("kiln: {e}");
         return ExitCode::from(2);
     }
+    let workspace = cli.workspace_dir();
     let result = match cli.command {
         Command::Predict(args) => kiln::cli::predict::run(args),
         Command::Inspect(args) => kiln::cli::inspect::run(args),
-        Command::Serve(args) => kiln::cli::serve::run(*args),
+        Command::Serve(args) => kiln::cli::serve::run(*args, workspace),
+        Command::Model(cmd) => kiln::cli::model::run(workspace, cmd),
+        Command::Workspace(cmd) => kiln::cli::workspace::run(workspace, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -384,7 +384,10 @@ fn configuration_errors_exit_2_before_binding() {
             .unwrap()
     };
     for (args, needle) in [
-        (vec!["--model", "noequals"], "expected NAME=PATH"),
+        (
+            vec!["--model", "noequals"],
+            "no model named \"noequals\" in the workspace (a file is given as NAME=PATH)",
+        ),
         (vec!["--model", "a=/nonexistent.onnx"], "does not exist"),
         (vec!["--model", "../x=/tmp"], "invalid model name"),
         (vec![], "no models to serve"),

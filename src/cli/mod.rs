@@ -1,8 +1,10 @@
 //! The `kiln` command line: one file per subcommand.
 
 pub mod inspect;
+pub mod model;
 pub mod predict;
 pub mod serve;
+pub mod workspace;
 
 use std::path::PathBuf;
 
@@ -21,6 +23,10 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, global = true, env = "KILN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Workspace directory (model registry and image store) [default: $XDG_DATA_HOME/kiln or
+    /// ~/.local/share/kiln]; created on first use.
+    #[arg(long, global = true, env = "KILN_WORKSPACE", value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -35,6 +41,12 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve models over HTTP: Open Inference Protocol V2, V1, and Azure ML /score.
     Serve(Box<crate::serve::config::ServeArgs>),
+    /// The model registry: register, list, show, tag, download, delete, push, pull.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// The workspace: show, verify, gc.
+    #[command(subcommand)]
+    Workspace(workspace::WorkspaceCommand),
 }
 
 /// How a model is run: backend choice and engine settings.
@@ -68,6 +80,13 @@ impl BackendArgs {
             inter_op_threads: self.inter_op_threads.map(usize::from),
             ..Default::default()
         }
+    }
+}
+
+impl Cli {
+    /// The workspace directory: `--workspace`, `KILN_WORKSPACE`, or the default.
+    pub fn workspace_dir(&self) -> PathBuf {
+        self.workspace.clone().unwrap_or_else(crate::registry::default_dir)
     }
 }
 

@@ -4,8 +4,8 @@ use super::UsageError;
 use crate::serve::config::{ServeArgs, ServeConfig};
 
 /// Runs `kiln serve`.
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = ServeConfig::from_args(&args).map_err(UsageError)?;
+pub fn run(args: ServeArgs, workspace: std::path::PathBuf) -> anyhow::Result<()> {
+    let config = ServeConfig::from_args(&args, &workspace).map_err(UsageError)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kiln-http")

@@ -21,8 +21,14 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 /// Arguments of `kiln serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Serve a model file as NAME (version 1); repeatable. `KILN_MODELS` takes a comma-separated list.
-    #[arg(long = "model", value_name = "NAME=PATH", env = "KILN_MODELS", value_delimiter = ',')]
+    /// Serve a model file as NAME (version 1), or a registered model NAME[:VERSION] from the
+    /// workspace (latest version by default); repeatable. `KILN_MODELS` takes a comma-separated list.
+    #[arg(
+        long = "model",
+        value_name = "NAME=PATH|NAME[:VERSION]",
+        env = "KILN_MODELS",
+        value_delimiter = ','
+    )]
     pub models: Vec<String>,
     /// Serve every model of a repository laid out as DIR/NAME/VERSION/model.onnx, with optional
     /// per-model settings in DIR/NAME/config.toml.
@@ -311,7 +317,7 @@ impl ServeConfig {
     }
 
     /// Merges flags, config file and repository, checking everything a user could get wrong.
-    pub fn from_args(args: &ServeArgs) -> Result<Self, String> {
+    pub fn from_args(args: &ServeArgs, workspace: &Path) -> Result<Self, String> {
         let (file, base) = match &args.config {
             Some(p) => (ConfigFile::read(p)?, p.parent().map(Path::to_path_buf).unwrap_or_default()),
             None => (ConfigFile::default(), PathBuf::new()),
@@ -374,11 +380,22 @@ impl ServeConfig {
         }
         let mut models = Vec::new();
         for arg in &args.models {
-            let (name, path) = arg.split_once('=').ok_or_else(|| {
-                format!("--model {arg:?}: expected NAME=PATH, e.g. --model iris=model.onnx")
-            })?;
-            check_name(name).map_err(|e| format!("--model {arg:?}: {e}"))?;
-            models.push((name.to_string(), "1".to_string(), PathBuf::from(path), ModelOverrides::default()));
+            match arg.split_once('=') {
+                Some((name, path)) => {
+                    check_name(name).map_err(|e| format!("--model {arg:?}: {e}"))?;
+                    models.push((
+                        name.to_string(),
+                        "1".to_string(),
+                        PathBuf::from(path),
+                        ModelOverrides::default(),
+                    ));
+                }
+                None => {
+                    let (name, version, path) = resolve_registered(workspace, arg)
+                        .map_err(|e| format!("--model {arg:?}: {e} (a file is given as NAME=PATH)"))?;
+                    models.push((name, version, path, ModelOverrides::default()));
+                }
+            }
         }
         for (name, section) in &file.models {
             check_name(name).map_err(|e| format!("[models.{name}]: {e}"))?;
@@ -410,6 +427,43 @@ impl ServeConfig {
         });
         Ok(config)
     }
+}
+
+/// Resolves a registered model `NAME[:VERSION]` to its ONNX file, materialised (hard links to the
+/// blobs, so no copy) under `<workspace>/run/NAME/VERSION/` with the model's own file layout, so
+/// ONNX external data next to the model is found.
+pub fn resolve_registered(workspace: &Path, spec: &str) -> Result<(String, String, PathBuf), String> {
+    let (name, version) = crate::registry::parse_model_ref(spec).map_err(|e| e.to_string())?;
+    let ws = crate::registry::Workspace::open(workspace).map_err(|e| e.to_string())?;
+    let mv = ws.show(&name, version).map_err(|e| e.to_string())?;
+    let onnx: Vec<&crate::registry::ModelFileEntry> = mv.files.iter().filter(|f| f.onnx.is_some()).collect();
+    let file = match onnx.as_slice() {
+        [one] => *one,
+        [] => return Err(format!("{}:{} has no ONNX file", mv.name, mv.version)),
+        many => many
+            .iter()
+            .find(|f| f.path == "model.onnx" || f.path.ends_with("/model.onnx"))
+            .copied()
+            .ok_or_else(|| {
+                format!("{}:{} has several ONNX files and none is model.onnx", mv.name, mv.version)
+            })?,
+    };
+    let dir = workspace.join("run").join(&mv.name).join(mv.version.to_string());
+    for f in &mv.files {
+        let dest = dir.join(&f.path);
+        if dest.is_file() {
+            continue;
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        let blob = ws.layout().blob_path(&f.digest);
+        if std::fs::hard_link(&blob, &dest).is_err() {
+            std::fs::copy(&blob, &dest)
+                .map_err(|e| format!("copying {} to {}: {e}", blob.display(), dest.display()))?;
+        }
+    }
+    Ok((mv.name.clone(), mv.version.to_string(), dir.join(&file.path)))
 }
 
 /// Orders versions numerically when they are numbers, else after them by text.

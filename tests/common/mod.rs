@@ -96,6 +96,7 @@ pub fn kiln_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
 
+pub mod oci_registry;
 pub mod server;
 
 /// The project venv's Python (scripts/setup creates it with tritonclient and onnxruntime).
