@@ -7,6 +7,7 @@
 pub mod backends;
 pub mod cli;
 pub mod logging;
+pub mod package;
 pub mod protocol;
 pub mod registry;
 pub mod serve;

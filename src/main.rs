@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => kiln::cli::serve::run(*args, workspace),
         Command::Model(cmd) => kiln::cli::model::run(workspace, cmd),
         Command::Workspace(cmd) => kiln::cli::workspace::run(workspace, cmd),
+        Command::Image(cmd) => kiln::cli::image::run(workspace, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -132,7 +132,18 @@ fn drain_under_load_loses_no_accepted_request() {
                         Ok(r) if r.status == 200 => Outcome::Ok,
                         Ok(r) if r.status == 503 => Outcome::Refused,
                         Ok(r) => Outcome::Lost(format!("{} {}", r.status, r.text())),
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::NoConnection,
+                        // Refused, or reset by the kernel because the listener closed with the
+                        // connection still in its backlog (never accepted by the server).
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::ConnectionRefused
+                                    | std::io::ErrorKind::ConnectionReset
+                                    | std::io::ErrorKind::UnexpectedEof
+                            ) =>
+                        {
+                            Outcome::NoConnection
+                        }
                         Err(e) => Outcome::Lost(e.to_string()),
                     };
                     let stop = !matches!(outcome, Outcome::Ok);

@@ -2,7 +2,10 @@
 //! registry client for pushing and pulling artifacts and images.
 #![forbid(unsafe_code)]
 
+pub mod base;
 pub mod digest;
+pub mod image;
+pub mod layer;
 pub mod layout;
 pub mod registry;
 

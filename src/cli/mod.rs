@@ -1,5 +1,6 @@
 //! The `kiln` command line: one file per subcommand.
 
+pub mod image;
 pub mod inspect;
 pub mod model;
 pub mod predict;
@@ -47,6 +48,9 @@ pub enum Command {
     /// The workspace: show, verify, gc.
     #[command(subcommand)]
     Workspace(workspace::WorkspaceCommand),
+    /// OCI images: build (no Docker), list, show, delete, export, push.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 /// How a model is run: backend choice and engine settings.

@@ -236,20 +236,9 @@ pub fn now_rfc3339() -> String {
     rfc3339(secs as i64)
 }
 
-/// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, Howard Hinnant's algorithm).
+/// Formats Unix seconds as RFC 3339 UTC.
 pub fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let tod = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", tod / 3600, tod % 3600 / 60, tod % 60)
+    kiln_images::image::rfc3339(secs)
 }
 
 /// Collects the files to register from command-line paths: a file keeps its file name, a
@@ -346,6 +335,7 @@ impl Workspace {
         let layout = Layout::open(&root)?;
         let db_path = root.join("kiln.db");
         let conn = schema::open(&db_path)?;
+        rusqlite::vtab::array::load_module(&conn).map_err(|e| RegistryError::db(&db_path, e))?;
         Ok(Workspace { root, db_path, conn, layout })
     }
 
@@ -534,64 +524,9 @@ impl Workspace {
     }
 
     fn load(&self, id: i64) -> Result<ModelVersion, RegistryError> {
-        let db = |e| self.db(e);
-        let (name, version, description, created_at, size): (String, i64, String, String, i64) = self
-            .conn
-            .query_row(
-                "SELECT name, version, description, created_at, size_bytes FROM models WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .map_err(db)?;
-        let kv = |table: &str| -> Result<BTreeMap<String, String>, RegistryError> {
-            let mut st = self
-                .conn
-                .prepare(&format!("SELECT key, value FROM {table} WHERE model_id = ?1"))
-                .map_err(db)?;
-            let rows = st.query_map([id], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db)?;
-            rows.collect::<Result<_, _>>().map_err(db)
-        };
-        let mut st = self
-            .conn
-            .prepare("SELECT path, digest, size, onnx FROM model_files WHERE model_id = ?1 ORDER BY path")
-            .map_err(db)?;
-        let files = st
-            .query_map([id], |r| {
-                let digest: String = r.get(1)?;
-                let onnx: Option<String> = r.get(3)?;
-                Ok((r.get::<_, String>(0)?, digest, r.get::<_, i64>(2)?, onnx))
-            })
-            .map_err(db)?
-            .map(|row| {
-                let (path, digest, size, onnx) = row.map_err(db)?;
-                Ok(ModelFileEntry {
-                    path,
-                    digest: Digest::parse(&digest).map_err(|e| RegistryError::Invalid(e.to_string()))?,
-                    size: size as u64,
-                    onnx: onnx.and_then(|o| serde_json::from_str(&o).ok()),
-                })
-            })
-            .collect::<Result<Vec<_>, RegistryError>>()?;
-        let mut st = self
-            .conn
-            .prepare("SELECT kind, ref FROM model_references WHERE model_id = ?1 ORDER BY kind, ref")
-            .map_err(db)?;
-        let referenced_by = st
-            .query_map([id], |r| Ok(format!("{} {}", r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(db)?
-            .collect::<Result<_, _>>()
-            .map_err(db)?;
-        Ok(ModelVersion {
-            name,
-            version,
-            description,
-            created_at,
-            size_bytes: size as u64,
-            tags: kv("model_tags")?,
-            properties: kv("model_properties")?,
-            files,
-            referenced_by,
-        })
+        self.load_many("SELECT CAST(?1 AS INTEGER)", &[id.to_string()])?
+            .pop()
+            .ok_or_else(|| RegistryError::NotFound(format!("model version {id} vanished")))
     }
 
     /// Lists versions matching `filter`: the latest per name unless `all_versions`.
@@ -630,14 +565,117 @@ impl Workspace {
                 args.len()
             ));
         }
-        sql.push_str(" ORDER BY m.name, m.version");
-        let mut st = self.conn.prepare(&sql).map_err(|e| self.db(e))?;
-        let ids: Vec<i64> = st
-            .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
-            .map_err(|e| self.db(e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.db(e))?;
-        ids.into_iter().map(|id| self.load(id)).collect()
+        self.load_many(&sql, &args)
+    }
+
+    /// Loads every version whose id `ids_sql` (a `SELECT m.id FROM models m ...`) selects: the
+    /// ids once, then one query per table over them (`rarray`), not one per version, so listing
+    /// 10,000 versions stays a handful of queries.
+    fn load_many(&self, ids_sql: &str, args: &[String]) -> Result<Vec<ModelVersion>, RegistryError> {
+        let db = |e| self.db(e);
+        let ids: Vec<i64> = {
+            let mut st = self.conn.prepare(ids_sql).map_err(db)?;
+            st.query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
+                .map_err(db)?
+                .collect::<Result<_, _>>()
+                .map_err(db)?
+        };
+        let id_array =
+            std::rc::Rc::new(ids.iter().copied().map(rusqlite::types::Value::from).collect::<Vec<_>>());
+        let mut order = Vec::with_capacity(ids.len());
+        let mut by_id: std::collections::HashMap<i64, ModelVersion> =
+            std::collections::HashMap::with_capacity(ids.len());
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, name, version, description, created_at, size_bytes FROM models WHERE id IN rarray(?1) ORDER BY name, version",
+            )
+            .map_err(db)?;
+        let rows = st
+            .query_map([&id_array], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get::<_, i64>(5)?))
+            })
+            .map_err(db)?;
+        for row in rows {
+            let (id, name, version, description, created_at, size) = row.map_err(db)?;
+            order.push(id);
+            by_id.insert(
+                id,
+                ModelVersion {
+                    name,
+                    version,
+                    description,
+                    created_at,
+                    size_bytes: size as u64,
+                    tags: BTreeMap::new(),
+                    properties: BTreeMap::new(),
+                    files: Vec::new(),
+                    referenced_by: Vec::new(),
+                },
+            );
+        }
+        for (table, is_tag) in [("model_tags", true), ("model_properties", false)] {
+            let mut st = self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT model_id, key, value FROM {table} WHERE model_id IN rarray(?1)"
+                ))
+                .map_err(db)?;
+            let rows =
+                st.query_map([&id_array], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?))).map_err(db)?;
+            for row in rows {
+                let (id, k, v): (i64, String, String) = row.map_err(db)?;
+                if let Some(m) = by_id.get_mut(&id) {
+                    if is_tag {
+                        m.tags.insert(k, v)
+                    } else {
+                        m.properties.insert(k, v)
+                    };
+                }
+            }
+        }
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT model_id, path, digest, size, onnx FROM model_files WHERE model_id IN rarray(?1) ORDER BY path")
+            .map_err(db)?;
+        let rows = st
+            .query_map([&id_array], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .map_err(db)?;
+        for row in rows {
+            let (id, path, digest, size, onnx) = row.map_err(db)?;
+            if let Some(m) = by_id.get_mut(&id) {
+                m.files.push(ModelFileEntry {
+                    path,
+                    digest: Digest::parse(&digest).map_err(|e| RegistryError::Invalid(e.to_string()))?,
+                    size: size as u64,
+                    onnx: onnx.and_then(|o| serde_json::from_str(&o).ok()),
+                });
+            }
+        }
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT model_id, kind, ref FROM model_references WHERE model_id IN rarray(?1) ORDER BY kind, ref")
+            .map_err(db)?;
+        let rows = st
+            .query_map([&id_array], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })
+            .map_err(db)?;
+        for row in rows {
+            let (id, kind, reference) = row.map_err(db)?;
+            if let Some(m) = by_id.get_mut(&id) {
+                m.referenced_by.push(format!("{kind} {reference}"));
+            }
+        }
+        Ok(order.into_iter().filter_map(|id| by_id.remove(&id)).collect())
     }
 
     /// Sets tags (replacing values) and removes tags by key.
@@ -724,6 +762,36 @@ impl Workspace {
                 params![id, kind, reference],
             )
             .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    /// Keeps only the references of (`kind`, `reference`) to the versions in `keep`
+    /// (`NAME:VERSION`): a replaced image tag no longer protects models it stopped using.
+    pub fn retain_references(
+        &self,
+        kind: &str,
+        reference: &str,
+        keep: &BTreeSet<String>,
+    ) -> Result<(), RegistryError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT r.model_id, m.name, m.version FROM model_references r JOIN models m ON m.id = r.model_id WHERE r.kind = ?1 AND r.ref = ?2")
+            .map_err(|e| self.db(e))?;
+        let rows: Vec<(i64, String, i64)> = st
+            .query_map(params![kind, reference], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(|e| self.db(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.db(e))?;
+        for (id, name, version) in rows {
+            if !keep.contains(&format!("{name}:{version}")) {
+                self.conn
+                    .execute(
+                        "DELETE FROM model_references WHERE model_id = ?1 AND kind = ?2 AND ref = ?3",
+                        params![id, kind, reference],
+                    )
+                    .map_err(|e| self.db(e))?;
+            }
+        }
         Ok(())
     }
 

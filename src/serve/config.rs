@@ -159,8 +159,9 @@ pub struct ModelOverrides {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// The model file, relative to the config file's directory.
-    pub path: PathBuf,
+    /// The model file, relative to the config file's directory (required to serve; optional in
+    /// the config given to `kiln image build`, which fills it in).
+    pub path: Option<PathBuf>,
     /// Version label [default: 1].
     pub version: Option<String>,
     /// Per-model settings.
@@ -401,7 +402,11 @@ impl ServeConfig {
             check_name(name).map_err(|e| format!("[models.{name}]: {e}"))?;
             positive(&format!("[models.{name}] instances"), section.settings.instances)?;
             let version = section.version.clone().unwrap_or_else(|| "1".into());
-            models.push((name.clone(), version, base.join(&section.path), section.settings.clone()));
+            let path = section
+                .path
+                .as_ref()
+                .ok_or_else(|| format!("[models.{name}] needs a path to the model file"))?;
+            models.push((name.clone(), version, base.join(path), section.settings.clone()));
         }
         if let Some(repo) = &repository {
             models.extend(scan_repository(repo)?);
