@@ -22,6 +22,9 @@ use tract_onnx::tract_core::model::IntoRunnable;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
 use tract_onnx::tract_hir::infer::ShapeFactoid;
 
+/// Operators whose tract kernels are wrong for some element types (see [`known_wrong`]).
+const TYPE_SENSITIVE: &[&str] = &["ReduceSum"];
+
 /// The tract backend.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TractBackend;
@@ -54,37 +57,44 @@ impl Backend for TractBackend {
     }
 
     fn supports(&self, model: &ModelFile) -> Result<Support, Error> {
-        let info = OnnxInfo::parse(model.bytes()).map_err(|e| invalid_model(model, e))?;
-        let registry = tract_onnx::onnx().op_register;
-        let mut unsupported = BTreeSet::new();
-        for op in info.operators.keys() {
-            // tract registers operators by type name, whatever their domain.
-            let op_type = op.rsplit(':').next().unwrap_or(op);
-            if !registry.0.contains_key(op_type) {
-                unsupported.insert(op.clone());
-            }
-        }
-        for value in info.inputs.iter().chain(&info.outputs) {
-            if value.datatype.parse::<DataType>().ok().and_then(to_tract_type).is_none() {
-                unsupported.insert(format!("{} tensors (\"{}\")", value.datatype, value.name));
-            }
-        }
-        if unsupported.is_empty() {
-            // Operators tract has but computes wrongly for some types only show once typed.
-            match typed_model(model, &info) {
-                Ok((typed, _)) => unsupported.extend(known_wrong(&typed)),
-                Err(Error::InvalidModel { reason, .. }) => {
-                    unsupported.insert(format!("graph tract cannot analyse ({reason})"));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(Support { unsupported_ops: unsupported.into_iter().collect() })
+        supports_with(model, &tract_onnx::onnx())
     }
 
     fn load(&self, model: &ModelFile, options: &LoadOptions) -> Result<Box<dyn Session>, Error> {
         Ok(Box::new(TractSession::load(model, options)?))
     }
+}
+
+/// What `framework` (tract's ONNX front end, possibly with extra operators registered) lacks to
+/// run `model`.
+pub fn supports_with(model: &ModelFile, framework: &tract_onnx::Onnx) -> Result<Support, Error> {
+    let info = OnnxInfo::parse(model.bytes()).map_err(|e| invalid_model(model, e))?;
+    let registry = &framework.op_register;
+    let mut unsupported = BTreeSet::new();
+    for op in info.operators.keys() {
+        // tract registers operators by type name, whatever their domain.
+        let op_type = op.rsplit(':').next().unwrap_or(op);
+        if !registry.0.contains_key(op_type) {
+            unsupported.insert(op.clone());
+        }
+    }
+    for value in info.inputs.iter().chain(&info.outputs) {
+        if value.datatype.parse::<DataType>().ok().and_then(to_tract_type).is_none() {
+            unsupported.insert(format!("{} tensors (\"{}\")", value.datatype, value.name));
+        }
+    }
+    // Operators tract has but computes wrongly for some types only show once the graph is
+    // typed, which costs as much as loading: do it only when such an operator is present.
+    if unsupported.is_empty() && info.operators.keys().any(|op| TYPE_SENSITIVE.contains(&op.as_str())) {
+        match typed_model(model, &info, framework) {
+            Ok((typed, _)) => unsupported.extend(known_wrong(&typed)),
+            Err(Error::InvalidModel { reason, .. }) => {
+                unsupported.insert(format!("graph tract cannot analyse ({reason})"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Support { unsupported_ops: unsupported.into_iter().collect() })
 }
 
 fn to_tract_type(d: DataType) -> Option<DatumType> {
@@ -127,8 +137,11 @@ fn from_tract_type(d: DatumType) -> Option<DataType> {
 
 /// Parses the model and types it with each input pinned to its declared type; dynamic
 /// dimensions stay symbolic (named after the ONNX dim_param, or fresh when anonymous).
-fn typed_model(model: &ModelFile, info: &OnnxInfo) -> Result<(TypedModel, Vec<TensorSpec>), Error> {
-    let onnx = tract_onnx::onnx();
+fn typed_model(
+    model: &ModelFile,
+    info: &OnnxInfo,
+    onnx: &tract_onnx::Onnx,
+) -> Result<(TypedModel, Vec<TensorSpec>), Error> {
     let proto =
         onnx.proto_model_for_read(&mut &model.bytes()[..]).map_err(|e| invalid_model(model, chain(&e)))?;
     let dir = model.path().parent().and_then(|p| p.to_str());
@@ -206,9 +219,18 @@ pub struct TractSession {
 impl TractSession {
     /// Parses, types and optimises the model.
     pub fn load(model: &ModelFile, options: &LoadOptions) -> Result<Self, Error> {
+        Self::load_with(model, options, &tract_onnx::onnx())
+    }
+
+    /// Like [`TractSession::load`], with a given ONNX front end (extra operators registered).
+    pub fn load_with(
+        model: &ModelFile,
+        options: &LoadOptions,
+        framework: &tract_onnx::Onnx,
+    ) -> Result<Self, Error> {
         let info = OnnxInfo::parse(model.bytes()).map_err(|e| invalid_model(model, e))?;
-        TractBackend.supports(model)?.into_result(NAME)?;
-        let (typed, inputs) = typed_model(model, &info)?;
+        supports_with(model, framework)?.into_result(NAME)?;
+        let (typed, inputs) = typed_model(model, &info, framework)?;
         let typed = typed.into_optimized().map_err(|e| invalid_model(model, chain(&e)))?;
         let mut outputs = Vec::new();
         for (ix, outlet) in
