@@ -19,15 +19,33 @@ pub enum BackendChoice {
     Tract,
     /// ONNX Runtime, loaded from libonnxruntime at run time.
     Ort,
+    /// The FPGA accelerator path: runs accelerator images (`kiln fpga compile`) on
+    /// `--fpga-device`; never picked by auto.
+    Fpga,
 }
 
 /// Where backends come from: the choice and the settings each backend needs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct BackendConfig {
     /// The choice.
     pub choice: BackendChoice,
     /// `--ort-lib`: an explicit ONNX Runtime library (or directory holding it).
     pub ort_lib: Option<PathBuf>,
+    /// `--fpga-device`: the device accelerator images run on.
+    pub fpga_device: kiln_fpga::backend::DeviceSpec,
+    /// `--fpga-timeout`: how long one accelerator command may take.
+    pub fpga_timeout: std::time::Duration,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            choice: BackendChoice::Auto,
+            ort_lib: None,
+            fpga_device: kiln_fpga::backend::DeviceSpec::Emulated(2),
+            fpga_timeout: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 /// A backend picked for a model, with the reason, for the log and for `inspect`.
@@ -42,6 +60,9 @@ impl BackendConfig {
     fn make(&self, choice: BackendChoice) -> Box<dyn Backend> {
         match choice {
             BackendChoice::Tract => Box::new(TractBackend::new()),
+            BackendChoice::Fpga => {
+                Box::new(kiln_fpga::backend::FpgaBackend::new(self.fpga_device.clone(), self.fpga_timeout))
+            }
             BackendChoice::Ort | BackendChoice::Auto => Box::new(OrtBackend::new(self.ort_lib.clone())),
         }
     }
@@ -54,6 +75,12 @@ impl BackendConfig {
     /// Picks the backend for `model`. An explicit choice that cannot run the model is an error,
     /// never a silent switch to another engine.
     pub fn select(&self, model: &ModelFile) -> Result<Selected, Error> {
+        if kiln_fpga::image::AcceleratorImage::sniff(model.bytes()) && self.choice != BackendChoice::Fpga {
+            return Err(Error::InvalidModel {
+                path: model.path().to_path_buf(),
+                reason: "this is an accelerator image: run it with --backend fpga".into(),
+            });
+        }
         if self.choice != BackendChoice::Auto {
             let backend = self.make(self.choice);
             backend.check()?;

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => kiln::cli::model::run(workspace, cmd),
         Command::Workspace(cmd) => kiln::cli::workspace::run(workspace, cmd),
         Command::Image(cmd) => kiln::cli::image::run(workspace, cmd),
+        Command::Fpga(cmd) => kiln::cli::fpga::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

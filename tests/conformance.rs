@@ -88,7 +88,7 @@ fn check_fixture(session: &dyn Session, name: &str) -> Result<(), String> {
 }
 
 fn run_suite(choice: BackendChoice) -> BTreeMap<String, String> {
-    let config = BackendConfig { choice, ort_lib: None };
+    let config = BackendConfig { choice, ..BackendConfig::default() };
     let mut verdicts = BTreeMap::new();
     let mut failures = Vec::new();
     for name in fixture_names() {

@@ -133,7 +133,11 @@ pub fn run(workspace: PathBuf, cmd: ImageCommand) -> anyhow::Result<()> {
             let req = BuildRequest {
                 models,
                 config: a.config.clone(),
-                backend: BackendConfig { choice: a.backend, ort_lib: a.ort_lib.clone() },
+                backend: BackendConfig {
+                    choice: a.backend,
+                    ort_lib: a.ort_lib.clone(),
+                    ..Default::default()
+                },
                 base: (a.base != "scratch").then(|| a.base.clone()),
                 insecure_registry: a.insecure_registry,
                 tag: a.tag.clone(),

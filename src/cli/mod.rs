@@ -1,5 +1,6 @@
 //! The `kiln` command line: one file per subcommand.
 
+pub mod fpga;
 pub mod image;
 pub mod inspect;
 pub mod model;
@@ -51,6 +52,9 @@ pub enum Command {
     /// OCI images: build (no Docker), list, show, delete, export, push.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// The FPGA accelerator path: compile models to accelerator images, list devices.
+    #[command(subcommand)]
+    Fpga(fpga::FpgaCommand),
 }
 
 /// How a model is run: backend choice and engine settings.
@@ -69,12 +73,23 @@ pub struct BackendArgs {
     /// Threads running independent operators in parallel (ONNX Runtime; default: 1).
     #[arg(long, env = "KILN_INTER_OP_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub inter_op_threads: Option<u16>,
+    /// Device for --backend fpga: emulated[:N compute units], rtl-sim, xrt:INDEX.
+    #[arg(long, env = "KILN_FPGA_DEVICE", default_value = "emulated:2", value_name = "DEVICE")]
+    pub fpga_device: kiln_fpga::backend::DeviceSpec,
+    /// Longest one accelerator command may take before the request fails, e.g. 10s.
+    #[arg(long, env = "KILN_FPGA_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = crate::serve::config::parse_duration)]
+    pub fpga_timeout: std::time::Duration,
 }
 
 impl BackendArgs {
     /// The backend configuration these flags describe.
     pub fn config(&self) -> BackendConfig {
-        BackendConfig { choice: self.backend, ort_lib: self.ort_lib.clone() }
+        BackendConfig {
+            choice: self.backend,
+            ort_lib: self.ort_lib.clone(),
+            fpga_device: self.fpga_device.clone(),
+            fpga_timeout: self.fpga_timeout,
+        }
     }
 
     /// Load options from these flags.

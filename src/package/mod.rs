@@ -169,7 +169,10 @@ pub fn serving_file(mv: &ModelVersion) -> Result<&crate::registry::ModelFileEntr
     let onnx: Vec<_> = mv.files.iter().filter(|f| f.onnx.is_some()).collect();
     match onnx.as_slice() {
         [one] => Ok(one),
-        [] => Err(BuildError::Invalid(format!("{}:{} has no ONNX file to serve", mv.name, mv.version))),
+        [] => Err(BuildError::Invalid(format!(
+            "{}:{} has no ONNX model or accelerator image to serve",
+            mv.name, mv.version
+        ))),
         many => many
             .iter()
             .find(|f| f.path == "model.onnx" || f.path.ends_with("/model.onnx"))
@@ -224,7 +227,7 @@ pub async fn build(
         let choice =
             user_config.models.get(&mv.name).and_then(|m| m.settings.backend).unwrap_or(req.backend.choice);
         let model = ModelFile::from_bytes(&file.path, ws.layout().read_blob(&file.digest)?);
-        let cfg = BackendConfig { choice, ort_lib: req.backend.ort_lib.clone() };
+        let cfg = BackendConfig { choice, ..req.backend.clone() };
         let selected = cfg
             .select(&model)
             .map_err(|e| BuildError::Invalid(format!("{}:{}: {e}", mv.name, mv.version)))?;

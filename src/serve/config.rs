@@ -365,7 +365,7 @@ impl ServeConfig {
             metrics_listen: args.metrics_listen.or(s.metrics_listen),
             models: Vec::new(),
             repository: repository.clone(),
-            backend: BackendConfig { choice: BackendChoice::Auto, ort_lib: args.backend.ort_lib.clone() },
+            backend: BackendConfig { choice: BackendChoice::Auto, ..args.backend.config() },
             intra_op_threads: args.backend.intra_op_threads.map(usize::from).or(s.intra_op_threads),
             inter_op_threads: args.backend.inter_op_threads.map(usize::from).or(s.inter_op_threads),
             max_in_flight: args.max_in_flight.or(s.max_in_flight).unwrap_or(256),
@@ -444,7 +444,7 @@ pub fn resolve_registered(workspace: &Path, spec: &str) -> Result<(String, Strin
     let onnx: Vec<&crate::registry::ModelFileEntry> = mv.files.iter().filter(|f| f.onnx.is_some()).collect();
     let file = match onnx.as_slice() {
         [one] => *one,
-        [] => return Err(format!("{}:{} has no ONNX file", mv.name, mv.version)),
+        [] => return Err(format!("{}:{} has no ONNX model or accelerator image", mv.name, mv.version)),
         many => many
             .iter()
             .find(|f| f.path == "model.onnx" || f.path.ends_with("/model.onnx"))

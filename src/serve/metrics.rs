@@ -225,6 +225,7 @@ impl Metrics {
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        fpga_metrics(&mut out);
         out
     }
 
@@ -249,6 +250,51 @@ impl Metrics {
         }
         last.0 = now;
     }
+}
+
+/// Accelerator counters (modelled cycles, MAC utilisation, DMA bytes), when the FPGA path has run.
+fn fpga_metrics(out: &mut Vec<u8>) {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let t = kiln_fpga::runtime::telemetry();
+    let (cycles, macs, tiles) = (t.cycles.load(Relaxed), t.macs.load(Relaxed), t.tiles.load(Relaxed));
+    if tiles == 0 && t.failures.load(Relaxed) == 0 {
+        return;
+    }
+    let peak = (kiln_fpga::numerics::ARRAY_ROWS * kiln_fpga::numerics::ARRAY_COLS) as f64;
+    let utilisation = if cycles == 0 { 0.0 } else { macs as f64 / (peak * cycles as f64) };
+    let mut text = String::new();
+    for (name, kind, help, value) in [
+        (
+            "kiln_fpga_cycles_total",
+            "counter",
+            "Modelled compute-unit cycles of completed accelerator commands (250 MHz model clock)",
+            cycles as f64,
+        ),
+        ("kiln_fpga_macs_total", "counter", "MACs performed on the accelerator", macs as f64),
+        ("kiln_fpga_tiles_total", "counter", "GEMM tiles (accelerator commands) completed", tiles as f64),
+        (
+            "kiln_fpga_dma_bytes_total",
+            "counter",
+            "Bytes moved by DMA between host and device",
+            t.dma_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "kiln_fpga_failures_total",
+            "counter",
+            "Accelerator commands that failed or timed out",
+            t.failures.load(Relaxed) as f64,
+        ),
+        (
+            "kiln_fpga_mac_utilization",
+            "gauge",
+            "MACs / (64 PEs x modelled cycles): compute-unit utilisation against the array's peak",
+            utilisation,
+        ),
+    ] {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+    out.extend_from_slice(text.as_bytes());
 }
 
 impl Default for Metrics {

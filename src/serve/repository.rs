@@ -111,7 +111,7 @@ fn load_model(
 ) -> Result<LoadedModel, kiln_runtime_core::Error> {
     let started = Instant::now();
     let file = ModelFile::read(&spec.path)?;
-    let backends = BackendConfig { choice: spec.settings.backend, ort_lib: config.backend.ort_lib.clone() };
+    let backends = BackendConfig { choice: spec.settings.backend, ..config.backend.clone() };
     let selected = backends.select(&file)?;
     let instances = spec.settings.instances.max(1);
     // Several instances share the cores: one intra-op thread each unless told otherwise.
