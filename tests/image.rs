@@ -194,6 +194,99 @@ fn ort_image_runs_under_runc_as_nonroot() {
     build_push_run("ort", "iris");
 }
 
+/// An accelerator image from `kiln fpga compile` is registered, packaged with `--backend fpga`,
+/// pushed, run by runc and scored: the same outputs as `kiln predict --backend fpga` here, the
+/// same top-1 classes as onnxruntime, and the container's /metrics counts the accelerator's work.
+#[test]
+fn fpga_image_runs_under_runc() {
+    let registry = OciRegistry::start();
+    let ws = tempfile::tempdir().unwrap();
+    let f = fixture("digits_mlp");
+    let kacc = ws.path().join("digits.kacc");
+    ok(&kiln_ws(
+        ws.path(),
+        &[
+            "fpga",
+            "compile",
+            f.join("model.onnx").to_str().unwrap(),
+            "--calibration",
+            f.join("calibration.json").to_str().unwrap(),
+            "-o",
+            kacc.to_str().unwrap(),
+        ],
+    ));
+    let shown = ok(&kiln_ws(ws.path(), &["model", "register", "digits", kacc.to_str().unwrap()]));
+    assert_eq!(shown, "digits:1");
+    let show = ok(&kiln_ws(ws.path(), &["model", "show", "digits"]));
+    assert!(show.contains("input: pixels FP32 [-1, 64]"), "{show}");
+    // A corrupt accelerator image is refused at registration, and nothing is stored.
+    let mut bytes = std::fs::read(&kacc).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x55;
+    let corrupt = ws.path().join("corrupt.kacc");
+    std::fs::write(&corrupt, bytes).unwrap();
+    fails(
+        &kiln_ws(ws.path(), &["model", "register", "bad", corrupt.to_str().unwrap()]),
+        2,
+        "is named .kacc but",
+    );
+    fails(&kiln_ws(ws.path(), &["model", "show", "bad"]), 2, "no model named \"bad\"");
+    // Packaging for a CPU engine says what to do instead.
+    fails(
+        &kiln_ws(ws.path(), &["image", "build", "--model", "digits", "--backend", "tract", "--tag", "x:1"]),
+        2,
+        "this is an accelerator image: run it with --backend fpga",
+    );
+    ok(&kiln_ws(
+        ws.path(),
+        &["image", "build", "--model", "digits", "--backend", "fpga", "--tag", "digits:fpga"],
+    ));
+    let reference = format!("{}/services/digits:fpga", registry.host());
+    ok(&kiln_ws(ws.path(), &["image", "push", "digits:fpga", &reference, "--insecure-registry"]));
+
+    let (c, _) = Container::run(&reference, "t");
+    let input = f.join("input.json");
+    let r = http(
+        c.addr(),
+        "POST",
+        "/v2/models/digits/infer",
+        &[("Content-Type", "application/json")],
+        &std::fs::read(&input).unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let served = r.json()["outputs"][0]["data"].clone();
+    let local: Value = serde_json::from_str(&ok(&kiln_ws(
+        ws.path(),
+        &[
+            "predict",
+            "--model",
+            kacc.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--backend",
+            "fpga",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(served, local["outputs"][0]["data"], "the container computes what kiln predict does");
+    let argmax = |v: &Value| -> Vec<usize> {
+        let flat: Vec<f64> = flatten(v).iter().map(|x| x.as_f64().unwrap()).collect();
+        flat.chunks(10)
+            .map(|row| row.iter().enumerate().fold(0, |best, (i, &x)| if x > row[best] { i } else { best }))
+            .collect()
+    };
+    let want = read_json(f.join("expected.json"));
+    assert_eq!(argmax(&served), argmax(&want["outputs"][0]["data"]), "top-1 classes of onnxruntime");
+    let metrics = http(c.addr(), "GET", "/metrics", &[], b"").text();
+    let tiles: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_fpga_tiles_total "))
+        .unwrap_or_else(|| panic!("no kiln_fpga_tiles_total in {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(tiles > 0.0, "{tiles}");
+}
+
 fn build_in(dir: &Path, umask: &str, epoch: &str) -> String {
     let ws = dir.join("ws");
     let models = dir.join("src");

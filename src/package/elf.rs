@@ -172,6 +172,10 @@ pub fn closure(binary: &Path, extra: &[PathBuf]) -> Result<BTreeMap<PathBuf, Pat
                 .ok_or_else(|| {
                     format!("{} needs {name}, which is in none of the loader's directories", file.display())
                 })?;
+            // A runpath such as `$ORIGIN/../../lib/x86_64-linux-gnu` (libxrt's) yields a path with
+            // `..` in it; the image needs the normal form, where the loader's default directories
+            // find it.
+            let found = lexically_normal(&found);
             out.insert(found.clone(), found.clone());
             todo.push(found);
         }
@@ -179,9 +183,35 @@ pub fn closure(binary: &Path, extra: &[PathBuf]) -> Result<BTreeMap<PathBuf, Pat
     Ok(out)
 }
 
+/// `path` with `.` and `//` removed and each `..` applied to the component before it (lexically:
+/// the file was found at this path, so every directory it names exists).
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runpath_dot_dots_are_normalised() {
+        assert_eq!(
+            lexically_normal(Path::new("/lib/x86_64-linux-gnu/../../lib/x86_64-linux-gnu//./libz.so.1")),
+            PathBuf::from("/lib/x86_64-linux-gnu/libz.so.1")
+        );
+        assert_eq!(lexically_normal(Path::new("/../a")), PathBuf::from("/a"));
+    }
 
     #[test]
     fn the_test_binary_itself_resolves() {

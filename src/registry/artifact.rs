@@ -258,11 +258,10 @@ pub async fn pull(
         registry
             .pull_blob(reference, ws.layout(), &d, size, layer["mediaType"].as_str().unwrap_or(WEIGHT_RAW))
             .await?;
-        let onnx = if path.to_ascii_lowercase().ends_with(".onnx") {
-            let bytes = ws.layout().read_blob(&d)?;
-            kiln_runtime_core::onnx::OnnxInfo::parse(&bytes).ok().map(|i| super::OnnxSummary::from(&i))
-        } else {
-            None
+        let ext = Path::new(path).extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        let onnx = match ext.as_deref().and_then(super::ServedKind::from_extension) {
+            Some(kind) => kind.describe(&ws.layout().read_blob(&d)?).ok(),
+            None => None,
         };
         files.push(ModelFileEntry { path: path.to_string(), digest: d, size, onnx });
     }

@@ -117,6 +117,46 @@ pub fn parse_kv(s: &str) -> Result<(String, String), RegistryError> {
     }
 }
 
+/// The kinds of file a server can load, recognised by extension at registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServedKind {
+    /// An ONNX model (`.onnx`).
+    Onnx,
+    /// An accelerator image from `kiln fpga compile` (`.kacc`), served with `--backend fpga`.
+    AcceleratorImage,
+}
+
+impl ServedKind {
+    /// The kind named by a (lower-case) file extension.
+    pub fn from_extension(ext: &str) -> Option<Self> {
+        match ext {
+            "onnx" => Some(ServedKind::Onnx),
+            "kacc" => Some(ServedKind::AcceleratorImage),
+            _ => None,
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            ServedKind::Onnx => "onnx",
+            ServedKind::AcceleratorImage => "kacc",
+        }
+    }
+
+    /// What the file declares (for an accelerator image: its host graph's inputs and outputs),
+    /// or why it is not such a file.
+    pub fn describe(self, bytes: &[u8]) -> Result<OnnxSummary, String> {
+        let info = match self {
+            ServedKind::Onnx => OnnxInfo::parse(bytes).map_err(|e| e.to_string())?,
+            ServedKind::AcceleratorImage => {
+                let image = kiln_fpga::image::AcceleratorImage::parse(bytes).map_err(|e| e.to_string())?;
+                OnnxInfo::parse(image.host_graph()).map_err(|e| format!("its host graph: {e}"))?
+            }
+        };
+        Ok(OnnxSummary::from(&info))
+    }
+}
+
 /// One file of a model version.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelFileEntry {
@@ -126,7 +166,7 @@ pub struct ModelFileEntry {
     pub digest: Digest,
     /// Size in bytes.
     pub size: u64,
-    /// For ONNX files: what the file declares.
+    /// For files a server loads (ONNX models, accelerator images): what the file declares.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub onnx: Option<OnnxSummary>,
 }
@@ -370,24 +410,26 @@ impl Workspace {
         check_name(&reg.name)?;
         let mut files = Vec::with_capacity(sources.len());
         for s in sources {
-            let is_onnx = Path::new(&s.path).extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
-            let (digest, size, onnx) = if is_onnx {
-                // ONNX files are protobuf messages (under 2 GiB by format): read once, parse,
-                // then store from memory.
+            let ext = Path::new(&s.path).extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+            let (digest, size, onnx) = if let Some(kind) = ext.as_deref().and_then(ServedKind::from_extension)
+            {
+                // ONNX files are protobuf messages (under 2 GiB by format), accelerator images
+                // hold one: read once, parse, then store from memory.
                 let bytes = fs::read(&s.from).map_err(|source| RegistryError::Io {
                     what: "reading",
                     path: s.from.clone(),
                     source,
                 })?;
-                let info = OnnxInfo::parse(&bytes).map_err(|e| {
+                let summary = kind.describe(&bytes).map_err(|e| {
                     RegistryError::Invalid(format!(
-                        "{} is named .onnx but {e}; nothing was registered",
-                        s.from.display()
+                        "{} is named .{} but {e}; nothing was registered",
+                        s.from.display(),
+                        kind.extension()
                     ))
                 })?;
                 let digest = self.layout.put_bytes(&bytes)?;
                 progress(&s.path, bytes.len() as u64);
-                (digest, bytes.len() as u64, Some(OnnxSummary::from(&info)))
+                (digest, bytes.len() as u64, Some(summary))
             } else {
                 let path = s.path.clone();
                 let (digest, size) = self.layout.put_file(&s.from, |n| progress(&path, n))?;
