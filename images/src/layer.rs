@@ -172,11 +172,13 @@ impl LayerBuilder {
         };
         match compression {
             Compression::None => {
-                let mut hashing = HashingWriter { inner: sink, hasher: Sha256::new() };
-                self.write_tar(&mut hashing, mtime).map_err(io_err)?;
-                let diff = Digest::sha256_from(hashing.hasher.finalize().into());
-                let (digest, size) = hashing.inner.0.finish(Some(&diff))?;
-                Ok(LayerInfo { digest, diff_id: diff, size, media_type: MEDIA_TAR })
+                // The blob is the tar itself: the store's own hash is the diff id too.
+                // tar copies in 8 KiB pieces: buffer them into large writes.
+                let mut out = io::BufWriter::with_capacity(1 << 20, sink);
+                self.write_tar(&mut out, mtime).map_err(io_err)?;
+                let sink = out.into_inner().map_err(|e| io_err(e.into_error()))?;
+                let (digest, size) = sink.0.finish(None)?;
+                Ok(LayerInfo { digest: digest.clone(), diff_id: digest, size, media_type: MEDIA_TAR })
             }
             Compression::Gzip => {
                 let gz = flate2::GzBuilder::new()

@@ -67,6 +67,40 @@ pub struct BlobWriter<'a> {
     tmp: PathBuf,
     hasher: Sha256,
     size: u64,
+    writeback: Option<Writeback>,
+    unsynced: u64,
+}
+
+/// Start writing a large blob back to disk after this many bytes, so the final fsync does not
+/// wait for all of it: the disk works while the CPU hashes and packs the rest.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// A thread that syncs a blob's data while it is still being written. Its errors are not
+/// reported: the final `sync_all` in [`BlobWriter::finish`] is the one that counts.
+struct Writeback {
+    kick: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writeback {
+    fn start(file: &File) -> Option<Self> {
+        let clone = file.try_clone().ok()?;
+        let (kick, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("blob-writeback".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    let _ = clone.sync_data();
+                }
+            })
+            .ok()?;
+        Some(Writeback { kick, thread })
+    }
+
+    fn stop(self) {
+        drop(self.kick);
+        let _ = self.thread.join();
+    }
 }
 
 impl BlobWriter<'_> {
@@ -74,10 +108,20 @@ impl BlobWriter<'_> {
     pub fn write(&mut self, data: &[u8]) -> Result<(), LayoutError> {
         self.hasher.update(data);
         self.size += data.len() as u64;
-        match &mut self.file {
-            Some(f) => f.write_all(data).map_err(io_err("writing", &self.tmp)),
-            None => Ok(()),
+        let Some(f) = &mut self.file else { return Ok(()) };
+        f.write_all(data).map_err(io_err("writing", &self.tmp))?;
+        self.unsynced += data.len() as u64;
+        if self.unsynced >= WRITEBACK_EVERY {
+            self.unsynced = 0;
+            if self.writeback.is_none() {
+                self.writeback = Writeback::start(f);
+            }
+            if let Some(w) = &self.writeback {
+                // A sync already pending covers these bytes too: never queue more than one.
+                let _ = w.kick.try_send(());
+            }
         }
+        Ok(())
     }
 
     /// Bytes written so far.
@@ -88,6 +132,9 @@ impl BlobWriter<'_> {
     /// Syncs and stores the blob; with `expected`, refuses content that hashes otherwise.
     pub fn finish(mut self, expected: Option<&Digest>) -> Result<(Digest, u64), LayoutError> {
         let file = self.file.take();
+        if let Some(w) = self.writeback.take() {
+            w.stop();
+        }
         let actual = Digest::sha256_from(std::mem::take(&mut self.hasher).finalize().into());
         if let Some(expected) = expected
             && &actual != expected
@@ -105,6 +152,9 @@ impl BlobWriter<'_> {
 
 impl Drop for BlobWriter<'_> {
     fn drop(&mut self) {
+        if let Some(w) = self.writeback.take() {
+            w.stop();
+        }
         if !self.tmp.as_os_str().is_empty() {
             self.file.take();
             let _ = fs::remove_file(&self.tmp);
@@ -212,7 +262,15 @@ impl Layout {
     /// Starts writing a blob whose digest is known only at the end.
     pub fn writer(&self) -> Result<BlobWriter<'_>, LayoutError> {
         let (file, tmp) = self.temp_file()?;
-        Ok(BlobWriter { layout: self, file: Some(file), tmp, hasher: Sha256::new(), size: 0 })
+        Ok(BlobWriter {
+            layout: self,
+            file: Some(file),
+            tmp,
+            hasher: Sha256::new(),
+            size: 0,
+            writeback: None,
+            unsynced: 0,
+        })
     }
 
     /// Stores everything `reader` yields; returns its digest and size. `progress` is called
@@ -565,6 +623,29 @@ mod tests {
         let e = layout.put_verified(&mut &b"other"[..], &d).unwrap_err();
         assert!(matches!(e, LayoutError::Corrupt { .. }));
         assert!(fs::read_dir(dir.path().join("store/blobs/.tmp")).unwrap().next().is_none(), "no temp left");
+    }
+
+    #[test]
+    fn large_blobs_written_back_early_are_stored_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path()).unwrap();
+        // Past two write-back points, with a tail: every byte must land, hashed once.
+        let data: Vec<u8> =
+            (0..(2 * WRITEBACK_EVERY + 12_345) as usize).map(|i| (i * 31 % 251) as u8).collect();
+        let mut w = layout.writer().unwrap();
+        for chunk in data.chunks(1 << 20) {
+            w.write(chunk).unwrap();
+        }
+        assert!(w.writeback.is_some(), "a blob this large is written back while it is written");
+        let (d, size) = w.finish(None).unwrap();
+        assert_eq!((d.clone(), size), (Digest::of(&data), data.len() as u64));
+        assert_eq!(layout.read_blob(&d).unwrap(), data);
+        // Abandoned half way (an error, a kill of the build): nothing stored, no temp left.
+        let mut w = layout.writer().unwrap();
+        w.write(&data[..(WRITEBACK_EVERY + 1) as usize]).unwrap();
+        drop(w);
+        assert_eq!(layout.blobs().unwrap().len(), 1);
+        assert!(fs::read_dir(dir.path().join("blobs/.tmp")).unwrap().next().is_none(), "no temp left");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use kiln_images::digest::Digest;
 use kiln_images::image::{self, ImageLayer, ImageSpec};
 use kiln_images::layer::{Compression, Content, LayerBuilder, LayerInfo, source_date_epoch};
-use kiln_images::layout::IndexEntry;
+use kiln_images::layout::{IndexEntry, Layout};
 use kiln_runtime_core::ModelFile;
 use serde::{Deserialize, Serialize};
 
@@ -129,18 +129,18 @@ struct CachedLayer {
     media_type: String,
 }
 
-/// Writes a layer unless one with the same key is stored already.
+/// Writes a layer unless one with the same key is stored already (`cache_dir` holds the keys).
 fn cached_layer(
-    ws: &Workspace,
+    layout: &Layout,
+    cache_dir: &Path,
     key: &str,
     build: impl FnOnce() -> Result<LayerInfo, BuildError>,
 ) -> Result<(ImageLayer, bool), BuildError> {
     let key_digest = Digest::of(key.as_bytes());
-    let dir = ws.root().join("cache/layers");
-    let path = dir.join(format!("{}.json", key_digest.hex()));
+    let path = cache_dir.join(format!("{}.json", key_digest.hex()));
     if let Ok(text) = std::fs::read(&path)
         && let Ok(c) = serde_json::from_slice::<CachedLayer>(&text)
-        && ws.layout().blob_size(&c.digest).ok() == Some(c.size)
+        && layout.blob_size(&c.digest).ok() == Some(c.size)
     {
         let layer = ImageLayer {
             digest: c.digest,
@@ -152,16 +152,62 @@ fn cached_layer(
         return Ok((layer, true));
     }
     let info = build()?;
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| BuildError::Failed(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(cache_dir)
+        .map_err(|e| BuildError::Failed(format!("creating {}: {e}", cache_dir.display())))?;
     let c = CachedLayer {
         digest: info.digest.clone(),
         diff_id: info.diff_id.clone(),
         size: info.size,
         media_type: info.media_type.into(),
     };
-    ws.layout().write_atomic(&path, &serde_json::to_vec(&c).unwrap_or_default())?;
+    layout.write_atomic(&path, &serde_json::to_vec(&c).unwrap_or_default())?;
     Ok((ImageLayer::new(&info, ""), false))
+}
+
+/// The uncompressed layer of one model version under `/models/NAME/VERSION/`, reused when an
+/// earlier build wrote the same one.
+fn model_layer(
+    layout: &Layout,
+    cache_dir: &Path,
+    mv: &ModelVersion,
+    mtime: u64,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<(ImageLayer, bool), BuildError> {
+    let root = model_root(mv);
+    let mut key = format!("{LAYER_FORMAT}\nmodel\n{mtime}\n{root}\n");
+    for f in &mv.files {
+        key.push_str(&format!("{} {}\n", f.path, f.digest));
+    }
+    cached_layer(layout, cache_dir, &key, || {
+        progress(&format!("writing the model layer of {}:{}", mv.name, mv.version));
+        let mut l = LayerBuilder::new();
+        for f in &mv.files {
+            l.file(&format!("{root}/{}", f.path), Content::Path(layout.blob_path(&f.digest)), false)?;
+        }
+        Ok(l.write(layout, Compression::None, mtime)?)
+    })
+}
+
+fn model_root(mv: &ModelVersion) -> String {
+    format!("/models/{}/{}", mv.name, mv.version)
+}
+
+/// The backend a packaged model will run on: its `[models.NAME]` setting, else `--backend`.
+fn choose_backend(
+    layout: &Layout,
+    user_config: &ConfigFile,
+    req: &BuildRequest,
+    mv: &ModelVersion,
+) -> Result<crate::backends::Selected, BuildError> {
+    let file = serving_file(mv)?;
+    let choice =
+        user_config.models.get(&mv.name).and_then(|m| m.settings.backend).unwrap_or(req.backend.choice);
+    let bytes = kiln_runtime_core::read_shared(&layout.blob_path(&file.digest)).map_err(|e| {
+        BuildError::Failed(format!("reading {}:{} from the workspace: {e}", mv.name, mv.version))
+    })?;
+    let model = ModelFile::from_bytes(&file.path, bytes);
+    let cfg = BackendConfig { choice, ..req.backend.clone() };
+    cfg.select(&model).map_err(|e| BuildError::Invalid(format!("{}:{}: {e}", mv.name, mv.version)))
 }
 
 /// The ONNX file of a version that the server loads (the only one, or `model.onnx`).
@@ -196,7 +242,7 @@ fn passwd_files(layer: &mut LayerBuilder) -> Result<(), BuildError> {
 pub async fn build(
     ws: &Workspace,
     req: &BuildRequest,
-    progress: &dyn Fn(&str),
+    progress: &(dyn Fn(&str) + Sync),
 ) -> Result<BuildReport, BuildError> {
     check_tag(&req.tag)?;
     let existing = ws.layout().index()?.into_iter().find(|e| e.name == req.tag);
@@ -218,19 +264,35 @@ pub async fn build(
         return Err(BuildError::Invalid("no models to package: give --model NAME[:VERSION]".into()));
     }
 
-    // Models, and which engine each needs.
-    let mut versions = Vec::new();
-    let mut needs_ort = false;
+    // Models, and which engine each needs. Choosing reads and parses every model, and writing
+    // the model layers reads, hashes and stores them again: for large models each takes
+    // seconds, so the layers are written on a second thread while the backends are chosen.
+    let mut found = Vec::new();
     for (name, version) in &req.models {
         let mv = ws.show(name, *version)?;
-        let file = serving_file(&mv)?;
-        let choice =
-            user_config.models.get(&mv.name).and_then(|m| m.settings.backend).unwrap_or(req.backend.choice);
-        let model = ModelFile::from_bytes(&file.path, ws.layout().read_blob(&file.digest)?);
-        let cfg = BackendConfig { choice, ..req.backend.clone() };
-        let selected = cfg
-            .select(&model)
-            .map_err(|e| BuildError::Invalid(format!("{}:{}: {e}", mv.name, mv.version)))?;
+        serving_file(&mv)?;
+        found.push(mv);
+    }
+    let layout = ws.layout().clone();
+    let cache_dir = ws.root().join("cache/layers");
+    let (model_layers, selected) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            found
+                .iter()
+                .map(|mv| model_layer(&layout, &cache_dir, mv, mtime, progress))
+                .collect::<Result<Vec<_>, BuildError>>()
+        });
+        let selected =
+            found.iter().map(|mv| choose_backend(&layout, &user_config, req, mv)).collect::<Vec<_>>();
+        let layers = writer
+            .join()
+            .unwrap_or_else(|_| Err(BuildError::Failed("the model layer writer panicked".into())));
+        (layers, selected)
+    });
+    let mut versions = Vec::new();
+    let mut needs_ort = false;
+    for (mv, selected) in found.into_iter().zip(selected) {
+        let selected = selected?;
         progress(&format!(
             "{}:{} will run on {} ({})",
             mv.name,
@@ -241,6 +303,7 @@ pub async fn build(
         needs_ort |= selected.backend.name() == "ort";
         versions.push((mv, selected.backend.name()));
     }
+    let model_layers = model_layers?;
     let ort_lib = if needs_ort { kiln_runtime_ort::OrtBackend::loaded_library() } else { None };
     if needs_ort && ort_lib.is_none() {
         return Err(BuildError::Failed("a model needs ONNX Runtime, but its library was not loaded".into()));
@@ -286,7 +349,7 @@ pub async fn build(
             std::fs::read(p).map_err(|e| BuildError::Failed(format!("reading {}: {e}", p.display())))?;
         key.push_str(&format!("{} {}\n", p.display(), Digest::of(&bytes)));
     }
-    let (runtime, cached) = cached_layer(ws, &key, || {
+    let (runtime, cached) = cached_layer(&layout, &cache_dir, &key, || {
         progress("writing the runtime layer");
         let mut l = LayerBuilder::new();
         l.file(KILN_PATH, Content::Path(kiln_binary.clone()), true)?;
@@ -314,24 +377,8 @@ pub async fn build(
 
     // One layer per model version.
     let mut serve_models = toml::Table::new();
-    for (mv, backend) in &versions {
-        let root = format!("/models/{}/{}", mv.name, mv.version);
-        let mut key = format!("{LAYER_FORMAT}\nmodel\n{mtime}\n{root}\n");
-        for f in &mv.files {
-            key.push_str(&format!("{} {}\n", f.path, f.digest));
-        }
-        let (layer, cached) = cached_layer(ws, &key, || {
-            progress(&format!("writing the model layer of {}:{}", mv.name, mv.version));
-            let mut l = LayerBuilder::new();
-            for f in &mv.files {
-                l.file(
-                    &format!("{root}/{}", f.path),
-                    Content::Path(ws.layout().blob_path(&f.digest)),
-                    false,
-                )?;
-            }
-            Ok(l.write(ws.layout(), Compression::None, mtime)?)
-        })?;
+    for ((mv, backend), (layer, cached)) in versions.iter().zip(model_layers) {
+        let root = model_root(mv);
         report_layers.push(LayerReport {
             content: format!("model {}:{}", mv.name, mv.version),
             digest: layer.digest.to_string(),

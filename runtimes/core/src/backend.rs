@@ -31,11 +31,11 @@ impl ModelFile {
         if meta.is_dir() {
             return Err(err("is a directory; give the path of the .onnx file inside it".into()));
         }
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let bytes = read_shared(path).map_err(|e| err(e.to_string()))?;
         if bytes.is_empty() {
             return Err(err("is empty".into()));
         }
-        Ok(ModelFile { path: path.to_path_buf(), bytes: bytes.into() })
+        Ok(ModelFile { path: path.to_path_buf(), bytes })
     }
 
     /// Wraps bytes already in memory; `path` is used in messages and to resolve external data.
@@ -52,6 +52,27 @@ impl ModelFile {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+}
+
+/// Reads a whole file straight into shared memory: one allocation, one copy, where
+/// `fs::read(..).into()` makes two (a model can be gigabytes).
+pub fn read_shared(path: &Path) -> std::io::Result<Arc<[u8]>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+    let mut bytes: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+    let Some(buf) = Arc::get_mut(&mut bytes) else {
+        return Err(std::io::Error::other("shared buffer in use"));
+    };
+    file.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => std::io::Error::other("the file shrank while it was read"),
+        _ => e,
+    })?;
+    let mut probe = [0u8; 1];
+    if file.read(&mut probe)? != 0 {
+        return Err(std::io::Error::other("the file grew while it was read"));
+    }
+    Ok(bytes)
 }
 
 /// Whether a backend can run every operator of a model.

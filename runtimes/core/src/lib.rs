@@ -12,7 +12,7 @@ mod metadata;
 pub mod onnx;
 mod tensor;
 
-pub use backend::{Backend, DEFAULT_MAX_BATCH_SIZE, LoadOptions, ModelFile, Session, Support};
+pub use backend::{Backend, DEFAULT_MAX_BATCH_SIZE, LoadOptions, ModelFile, Session, Support, read_shared};
 pub use bytes::Bytes;
 pub use datatype::DataType;
 pub use error::Error;
