@@ -22,6 +22,14 @@ trait Scalar: Sized {
     fn boolean(_v: bool) -> Option<Self> {
         None
     }
+    /// Converts a JSON integer serde_json has parsed (single-pass decoding).
+    fn from_i128(_v: i128) -> Option<Self> {
+        None
+    }
+    /// Converts a JSON number with a fraction or exponent serde_json has parsed.
+    fn from_f64(_v: f64) -> Option<Self> {
+        None
+    }
 }
 
 /// Parses an integer at the start of `s`: optional `-`, digits. A fraction or exponent makes it
@@ -50,6 +58,9 @@ macro_rules! int_scalar {
             fn number(s: &[u8]) -> Option<(Self, usize)> {
                 integer(s).and_then(|(v, n)| <$t>::try_from(v).ok().map(|v| (v, n)))
             }
+            fn from_i128(v: i128) -> Option<Self> {
+                <$t>::try_from(v).ok()
+            }
         }
     )*};
 }
@@ -61,12 +72,24 @@ impl Scalar for f32 {
     fn number(s: &[u8]) -> Option<(Self, usize)> {
         fast_float2::parse_partial(s).ok()
     }
+    fn from_i128(v: i128) -> Option<Self> {
+        Some(v as f32)
+    }
+    fn from_f64(v: f64) -> Option<Self> {
+        Some(v as f32)
+    }
 }
 
 impl Scalar for f64 {
     const NAME: &'static str = "FP64";
     fn number(s: &[u8]) -> Option<(Self, usize)> {
         fast_float2::parse_partial(s).ok()
+    }
+    fn from_i128(v: i128) -> Option<Self> {
+        Some(v as f64)
+    }
+    fn from_f64(v: f64) -> Option<Self> {
+        Some(v)
     }
 }
 
@@ -75,12 +98,24 @@ impl Scalar for f16 {
     fn number(s: &[u8]) -> Option<(Self, usize)> {
         f64::number(s).map(|(v, n)| (f16::from_f64(v), n))
     }
+    fn from_i128(v: i128) -> Option<Self> {
+        Some(f16::from_f64(v as f64))
+    }
+    fn from_f64(v: f64) -> Option<Self> {
+        Some(f16::from_f64(v))
+    }
 }
 
 impl Scalar for bf16 {
     const NAME: &'static str = "BF16";
     fn number(s: &[u8]) -> Option<(Self, usize)> {
         f64::number(s).map(|(v, n)| (bf16::from_f64(v), n))
+    }
+    fn from_i128(v: i128) -> Option<Self> {
+        Some(bf16::from_f64(v as f64))
+    }
+    fn from_f64(v: f64) -> Option<Self> {
+        Some(bf16::from_f64(v))
     }
 }
 
@@ -231,6 +266,162 @@ impl Strings<'_> {
             self.name,
             self.out.len()
         ))
+    }
+}
+
+/// True when [`DataSeed`] decodes `datatype` as exactly as [`decode_data`] does. FP64 is left
+/// to the two-pass path: serde_json's own float parsing may be one f64 ulp off (it is exact only
+/// with its `float_roundtrip` feature, which slows every parse), while `fast-float2` rounds
+/// correctly. For FP32 and narrower an f64 within one ulp rounds to the same value.
+pub fn single_pass(datatype: DataType) -> bool {
+    datatype != DataType::Fp64
+}
+
+/// Decodes `data` in place, in the same pass serde_json reads the request: used when `datatype`
+/// and `shape` come before `data` (the usual key order), so the array is read once instead of
+/// validated as a `RawValue` first and scanned again. Same checks and messages as
+/// [`decode_data`]: element types, counts, and no allocation beyond what the body can hold.
+pub struct DataSeed<'a> {
+    /// The declared datatype.
+    pub datatype: DataType,
+    /// The declared shape.
+    pub shape: &'a [usize],
+    /// The input's name, for messages.
+    pub name: &'a str,
+    /// Length of the whole request body, to bound pre-allocation.
+    pub body_len: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for DataSeed<'_> {
+    type Value = Tensor;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Tensor, D::Error> {
+        let name = self.name;
+        let shape = self.shape;
+        let needed = element_count(shape).map_err(|e| de::Error::custom(format!("input \"{name}\": {e}")))?;
+        let capacity = needed.min(self.body_len / 2 + 1);
+        let fail = |e: kiln_runtime_core::Error| de::Error::custom(format!("input \"{name}\": {e}"));
+        let count = |n: usize| {
+            if n == needed {
+                Ok(())
+            } else {
+                Err(de::Error::custom(format!(
+                    "input \"{name}\": data has {n} elements, but shape {shape:?} needs {needed}"
+                )))
+            }
+        };
+        macro_rules! typed {
+            ($t:ty) => {{
+                let mut out: Vec<$t> = Vec::with_capacity(capacity);
+                d.deserialize_any(Elements { out: &mut out, limit: needed, name, top: true })?;
+                count(out.len())?;
+                Tensor::from_vec(shape.to_vec(), out).map_err(fail)
+            }};
+        }
+        match self.datatype {
+            DataType::Bool => {
+                let mut out: Vec<Flag> = Vec::with_capacity(capacity);
+                d.deserialize_any(Elements { out: &mut out, limit: needed, name, top: true })?;
+                count(out.len())?;
+                let bytes: Vec<u8> = out.into_iter().map(|f| f.0).collect();
+                Tensor::from_raw(DataType::Bool, shape.to_vec(), Bytes::from(bytes)).map_err(fail)
+            }
+            DataType::Uint8 => typed!(u8),
+            DataType::Uint16 => typed!(u16),
+            DataType::Uint32 => typed!(u32),
+            DataType::Uint64 => typed!(u64),
+            DataType::Int8 => typed!(i8),
+            DataType::Int16 => typed!(i16),
+            DataType::Int32 => typed!(i32),
+            DataType::Int64 => typed!(i64),
+            DataType::Fp16 => typed!(f16),
+            DataType::Bf16 => typed!(bf16),
+            DataType::Fp32 => typed!(f32),
+            DataType::Fp64 => typed!(f64),
+            DataType::Bytes => {
+                let mut out = Vec::with_capacity(capacity);
+                Strings { out: &mut out, limit: needed, name }.deserialize(d)?;
+                count(out.len())?;
+                Tensor::from_strings(shape.to_vec(), out).map_err(fail)
+            }
+        }
+    }
+}
+
+/// Flattens a (possibly nested) JSON array of scalars into `out`, row-major.
+struct Elements<'a, T> {
+    out: &'a mut Vec<T>,
+    limit: usize,
+    name: &'a str,
+    /// The outermost value, which must be an array.
+    top: bool,
+}
+
+impl<T: Scalar> Elements<'_, T> {
+    fn push<E: de::Error>(self, value: Option<T>, found: impl FnOnce() -> String) -> Result<(), E> {
+        if self.top {
+            return Err(E::custom(format!("input \"{}\": \"data\" must be an array", self.name)));
+        }
+        let index = self.out.len();
+        match value {
+            Some(_) if index >= self.limit => Err(E::custom(format!(
+                "input \"{}\": data has more elements than its shape allows ({})",
+                self.name, self.limit
+            ))),
+            Some(v) => {
+                self.out.push(v);
+                Ok(())
+            }
+            None => Err(E::custom(format!(
+                "input \"{}\": data element {index} is {}, which is not a valid {} value",
+                self.name,
+                found(),
+                T::NAME
+            ))),
+        }
+    }
+}
+
+impl<'de, T: Scalar> DeserializeSeed<'de> for Elements<'_, T> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, T: Scalar> Visitor<'de> for Elements<'_, T> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an array of {} values", T::NAME)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let (out, limit, name) = (self.out, self.limit, self.name);
+        while seq.next_element_seed(Elements { out: &mut *out, limit, name, top: false })?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(T::boolean(v), || v.to_string())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(T::from_i128(i128::from(v)), || v.to_string())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(T::from_i128(i128::from(v)), || v.to_string())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(T::from_f64(v), || v.to_string())
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(None, || describe(format!("{v:?}").as_bytes()))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.push(None, || "null".into())
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        self.push(None, || "an object".into())
     }
 }
 

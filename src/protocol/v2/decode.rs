@@ -1,15 +1,16 @@
 //! Decoding of V2 inference request headers into typed tensors.
 //!
-//! `data` arrays are never materialised as `serde_json::Value`: a visitor flattens nested arrays
-//! directly into a `Vec` of the tensor's element type, checking each element's JSON type and
-//! range. When `datatype` comes after `data` in the object, `data` is kept as a borrowed raw slice
-//! of the body and decoded once the datatype is known.
+//! `data` arrays are never materialised as `serde_json::Value`. When `datatype` and `shape` come
+//! before `data` (the usual order), a visitor flattens nested arrays directly into a `Vec` of the
+//! tensor's element type in the same pass, checking each element's JSON type and range
+//! ([`super::data::DataSeed`]). Otherwise — and for FP64, which needs correctly rounded parsing —
+//! `data` is kept as a borrowed raw slice of the body and scanned once the datatype is known.
 
 use std::fmt;
 
 use kiln_runtime_core::{DataType, Tensor, element_count};
 
-use super::data::decode_data;
+use super::data::{self, decode_data};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -92,12 +93,14 @@ impl InferRequest {
 /// Decodes a JSON request header (the whole body of a JSON-only request).
 pub fn decode_request(json: &[u8]) -> Result<InferRequest, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(json);
-    let req = RequestSeed.deserialize(&mut de)?;
+    let req = RequestSeed { body_len: json.len() }.deserialize(&mut de)?;
     de.end()?;
     Ok(req)
 }
 
-struct RequestSeed;
+struct RequestSeed {
+    body_len: usize,
+}
 
 impl<'de> DeserializeSeed<'de> for RequestSeed {
     type Value = InferRequest;
@@ -121,7 +124,7 @@ impl<'de> Visitor<'de> for RequestSeed {
                 "id" => req.id = map.next_value()?,
                 "parameters" => req.parameters = map.next_value()?,
                 "inputs" => {
-                    req.inputs = map.next_value_seed(InputsSeed)?;
+                    req.inputs = map.next_value_seed(InputsSeed { body_len: self.body_len })?;
                     saw_inputs = true;
                 }
                 "outputs" => req.outputs = map.next_value()?,
@@ -139,7 +142,9 @@ impl<'de> Visitor<'de> for RequestSeed {
     }
 }
 
-struct InputsSeed;
+struct InputsSeed {
+    body_len: usize,
+}
 
 impl<'de> DeserializeSeed<'de> for InputsSeed {
     type Value = Vec<RequestInput>;
@@ -157,7 +162,9 @@ impl<'de> Visitor<'de> for InputsSeed {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::new();
-        while let Some(input) = seq.next_element_seed(InputSeed { index: out.len() })? {
+        while let Some(input) =
+            seq.next_element_seed(InputSeed { index: out.len(), body_len: self.body_len })?
+        {
             out.push(input);
         }
         Ok(out)
@@ -166,6 +173,7 @@ impl<'de> Visitor<'de> for InputsSeed {
 
 struct InputSeed {
     index: usize,
+    body_len: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for InputSeed {
@@ -198,9 +206,19 @@ impl<'de> Visitor<'de> for InputSeed {
         let mut datatype: Option<DataType> = None;
         let mut parameters = None;
         let mut raw: Option<&'de RawValue> = None;
+        let mut tensor: Option<Tensor> = None;
+        let mut seen: Vec<std::borrow::Cow<'de, str>> = Vec::with_capacity(4);
         let index = self.index;
         let label = |name: &Option<String>| name.clone().unwrap_or_else(|| format!("#{index}"));
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            // A repeated key could re-declare the datatype of data already decoded.
+            if seen.contains(&key) {
+                return Err(de::Error::custom(format!(
+                    "input \"{}\": duplicate field \"{key}\"",
+                    label(&name)
+                )));
+            }
+            seen.push(key.clone());
             match key.as_ref() {
                 "name" => name = Some(map.next_value()?),
                 "shape" => {
@@ -220,7 +238,19 @@ impl<'de> Visitor<'de> for InputSeed {
                 "parameters" => parameters = map.next_value()?,
                 // Borrowed: a RawValue is a validated slice of the body; nothing is copied here.
                 // It is decoded below, once datatype and shape are known whatever the key order.
-                "data" => raw = Some(map.next_value()?),
+                // With datatype and shape already read (the usual order) the numbers are
+                // decoded in this same pass, straight into the tensor's buffer.
+                "data" => match (datatype, &shape, &name) {
+                    (Some(dt), Some(sh), Some(n)) if data::single_pass(dt) => {
+                        tensor = Some(map.next_value_seed(data::DataSeed {
+                            datatype: dt,
+                            shape: sh,
+                            name: n,
+                            body_len: self.body_len,
+                        })?);
+                    }
+                    _ => raw = Some(map.next_value()?),
+                },
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     return Err(de::Error::custom(format!(
@@ -235,11 +265,12 @@ impl<'de> Visitor<'de> for InputSeed {
         let shape = shape.ok_or_else(|| de::Error::custom(format!("input \"{name}\" has no \"shape\"")))?;
         let datatype =
             datatype.ok_or_else(|| de::Error::custom(format!("input \"{name}\" has no \"datatype\"")))?;
-        let tensor = match raw {
-            Some(raw) => {
+        let tensor = match (tensor, raw) {
+            (Some(t), _) => Some(t),
+            (None, Some(raw)) => {
                 Some(decode_data(raw.get(), datatype, shape.clone(), &name).map_err(de::Error::custom)?)
             }
-            None => None,
+            (None, None) => None,
         };
         let input = RequestInput { name, shape, datatype, parameters, tensor };
         if input.tensor.is_none() {
@@ -338,6 +369,87 @@ mod tests {
         let e = decode(r#"{"input":[]}"#).unwrap_err();
         assert!(e.contains("unknown field \"input\""), "{e}");
         assert!(decode(r#"{"inputs":[]} trailing"#).is_err());
+    }
+
+    /// Both decoding paths (data after datatype: one pass; data first: raw slice, then a scan)
+    /// must give the same tensors and the same errors.
+    #[test]
+    fn one_pass_and_two_pass_decoding_agree() {
+        let cases = [
+            ("BOOL", "[true,false,true]", 3),
+            ("UINT8", "[[0,255],[7,8]]", 4),
+            ("INT8", "[-128,127]", 2),
+            ("UINT64", "[0,18446744073709551615]", 2),
+            ("INT64", "[-9223372036854775808,9223372036854775807]", 2),
+            ("FP16", "[0.5,-2,65504]", 3),
+            ("BF16", "[0.5,-2,3e38]", 3),
+            ("FP32", "[[0.1,-2.5e-3],[3.4028235e38,1e-45]]", 4),
+            ("FP32", "[16777217,-7,0]", 3),
+            ("FP64", "[0.1,2.2250738585072014e-308]", 2),
+            ("BYTES", r#"["a\"b","\u00e9"]"#, 2),
+            // Errors: wrong element type, out of range, too many, too few, not an array.
+            ("UINT8", "[1,256]", 2),
+            ("INT32", "[1,1.5]", 2),
+            ("FP32", r#"[1,"a"]"#, 2),
+            ("FP32", "[1,null]", 2),
+            ("FP32", r#"[1,{"a":1}]"#, 2),
+            ("BOOL", "[true,1]", 2),
+            ("FP32", "[1,2,3]", 2),
+            ("FP32", "[1]", 2),
+            ("FP32", "5", 1),
+            ("BYTES", r#"["a",3]"#, 2),
+        ];
+        for (dt, data, n) in cases {
+            let last =
+                format!(r#"{{"inputs":[{{"name":"x","shape":[{n}],"datatype":"{dt}","data":{data}}}]}}"#);
+            let first =
+                format!(r#"{{"inputs":[{{"data":{data},"name":"x","shape":[{n}],"datatype":"{dt}"}}]}}"#);
+            match (decode(&last), decode(&first)) {
+                (Ok(a), Ok(b)) => assert_eq!(a.inputs[0].tensor, b.inputs[0].tensor, "{dt} {data}"),
+                (Err(a), Err(b)) => {
+                    // Same message; only serde_json's position suffix differs.
+                    let strip = |e: &str| e.split(" at line ").next().unwrap_or_default().to_string();
+                    assert_eq!(strip(&a), strip(&b), "{dt} {data}");
+                }
+                (a, b) => panic!("{dt} {data}: one pass {a:?}, two passes {b:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn one_pass_fp32_rounds_like_a_correct_parser() {
+        // Seeded decimal strings of every magnitude, printed the way clients print them.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut texts = Vec::new();
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let bits = (x as u32) & 0x7f7f_ffff; // finite f32s, either sign
+            let v = f32::from_bits(bits | ((x >> 40) as u32 & 0x8000_0000));
+            texts.push(match x % 3 {
+                0 => format!("{v}"),
+                1 => format!("{v:e}"),
+                _ => format!("{}", v as f64 * 1.000_000_1),
+            });
+        }
+        let body = format!(
+            r#"{{"inputs":[{{"name":"x","shape":[{}],"datatype":"FP32","data":[{}]}}]}}"#,
+            texts.len(),
+            texts.join(",")
+        );
+        let got = decode(&body).unwrap().inputs.remove(0).tensor.unwrap().to_vec::<f32>().unwrap();
+        for (t, g) in texts.iter().zip(got) {
+            assert_eq!(g.to_bits(), t.parse::<f32>().unwrap().to_bits(), "{t}");
+        }
+    }
+
+    #[test]
+    fn repeated_fields_are_refused() {
+        let e =
+            decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1],"datatype":"INT8"}]}"#)
+                .unwrap_err();
+        assert!(e.contains("duplicate field \"datatype\""), "{e}");
     }
 
     #[test]
