@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::http::{AppState, Resp, Served, check_content, json, read_body};
 use super::nested::{NamedJson, tensor_from_json};
 use super::repository::LoadedModel;
+use super::stats::RequestTimes;
 use super::v2::order_inputs;
 
 fn query_model(query: Option<&str>) -> Option<String> {
@@ -98,17 +99,22 @@ pub async fn score(state: &AppState, req: Request<Incoming>, served: &mut Served
     let value: Value =
         serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
     let inputs = order_inputs(&model.metadata, inputs_from_body(&model, &value)?)?;
-    let outputs = match model.infer(inputs, state.config.request_timeout).await {
-        Ok(d) => d.outputs,
+    let done = match model.infer(inputs, state.config.request_timeout).await {
+        Ok(d) => d,
         Err(e) => {
             model.stats.fail.record(started.elapsed());
             return Err(e);
         }
     };
-    let named: Vec<(&str, &Tensor)> = outputs.iter().map(|o| (o.name.as_str(), &o.tensor)).collect();
+    let named: Vec<(&str, &Tensor)> = done.outputs.iter().map(|o| (o.name.as_str(), &o.tensor)).collect();
     let mut resp = json(StatusCode::OK, &NamedJson(&named));
     let ms = started.elapsed().as_secs_f64() * 1e3;
-    model.stats.success.record(started.elapsed());
+    model.stats.record_success(RequestTimes {
+        total: started.elapsed(),
+        queue: done.queue,
+        infer: done.compute,
+        ..Default::default()
+    });
     if let Ok(v) = HeaderValue::from_str(&format!("{ms:.3}")) {
         resp.headers_mut().insert("x-ms-run-fn-exec-ms", v);
     }

@@ -284,7 +284,6 @@ fn run_batch(shared: &Shared, session: &dyn Session, mut batch: Vec<Job>) {
     for job in &batch {
         let waited = started.duration_since(job.enqueued);
         shared.metrics.queue_seconds.observe(waited.as_secs_f64());
-        shared.stats.queue.record(waited);
     }
     let rows: Vec<usize> = batch.iter().map(|j| j.rows).collect();
     let total_rows: usize = rows.iter().sum();
@@ -303,7 +302,7 @@ fn run_batch(shared: &Shared, session: &dyn Session, mut batch: Vec<Job>) {
     shared.metrics.compute_seconds.observe(compute.as_secs_f64());
     shared.metrics.busy_seconds.inc_by(compute.as_secs_f64());
     shared.metrics.batch_size.observe(total_rows.max(1) as f64);
-    shared.stats.record_execution(batch.len(), compute, result.is_ok());
+    shared.stats.record_execution();
     let outputs = match result {
         Ok(outputs) => outputs,
         Err(e) => return fail_all(batch, &e),

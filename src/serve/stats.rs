@@ -30,6 +30,21 @@ impl Tally {
     }
 }
 
+/// Where one request's time went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestTimes {
+    /// End to end, as the server saw it.
+    pub total: Duration,
+    /// Waiting in the batch queue.
+    pub queue: Duration,
+    /// Decoding the inputs.
+    pub input: Duration,
+    /// The `infer` call of the batch the request ran in.
+    pub infer: Duration,
+    /// Encoding the outputs.
+    pub output: Duration,
+}
+
 /// Counters of one model version.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -51,14 +66,23 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Records one executed batch of `requests` requests.
-    pub fn record_execution(&self, requests: usize, compute: Duration, ok: bool) {
+    /// Records one executed batch (the per-request times come with each request's success).
+    pub fn record_execution(&self) {
         self.execution_count.fetch_add(1, Ordering::Relaxed);
-        if ok {
-            self.compute_infer.record_n(requests as u64, compute);
-        }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         self.last_inference_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Records one successful request and every stage of it at once, as Triton does: the stage
+    /// counts then always agree, whenever they are read (perf_analyzer refuses statistics whose
+    /// compute counts differ, which they would if each stage counted when it finished while
+    /// requests are in flight).
+    pub fn record_success(&self, t: RequestTimes) {
+        self.success.record(t.total);
+        self.queue.record(t.queue);
+        self.compute_input.record(t.input);
+        self.compute_infer.record(t.infer);
+        self.compute_output.record(t.output);
     }
 
     /// Records `rows` inferences (batch rows) of a successful request.

@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::http::{AppState, Resp, Served, check_content, json, read_body};
 use super::nested::{NamedJson, NestedJson, tensor_from_json};
 use super::repository::LoadedModel;
+use super::stats::RequestTimes;
 use super::v2::order_inputs;
 
 /// `GET /v1/models/{m}`.
@@ -173,18 +174,22 @@ pub async fn predict(
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
     let (inputs, rows) = inputs_from_v1(&model, &value)?;
     let inputs = order_inputs(&model.metadata, inputs)?;
-    let done = model.infer(inputs, state.config.request_timeout).await;
-    let outputs = match done {
-        Ok(d) => d.outputs,
+    let done = match model.infer(inputs, state.config.request_timeout).await {
+        Ok(d) => d,
         Err(e) => {
             model.stats.fail.record(started.elapsed());
             return Err(e);
         }
     };
-    model.stats.success.record(started.elapsed());
+    model.stats.record_success(RequestTimes {
+        total: started.elapsed(),
+        queue: done.queue,
+        infer: done.compute,
+        ..Default::default()
+    });
     if rows {
-        Ok(json(StatusCode::OK, &Predictions(&outputs)))
+        Ok(json(StatusCode::OK, &Predictions(&done.outputs)))
     } else {
-        Ok(json(StatusCode::OK, &Columns(&outputs)))
+        Ok(json(StatusCode::OK, &Columns(&done.outputs)))
     }
 }

@@ -15,6 +15,7 @@ use super::binary::{self, HEADER_LENGTH};
 use super::error::ApiError;
 use super::http::{AppState, ModelAction, Resp, Served, check_content, json, read_body, with_type};
 use super::repository::{LoadedModel, Repository};
+use super::stats::RequestTimes;
 use crate::protocol::v2::{InferResponse, RequestOutput, ResponseOutput, decode_request};
 
 /// Extensions this server implements, as advertised by `GET /v2`.
@@ -178,18 +179,19 @@ fn select_outputs(
 
 async fn infer(state: &AppState, req: Request<Incoming>, model: Arc<LoadedModel>) -> Result<Resp, ApiError> {
     let started = Instant::now();
-    let result = infer_inner(state, req, &model).await;
-    match &result {
-        Ok(_) => model.stats.success.record(started.elapsed()),
-        Err(_) => model.stats.fail.record(started.elapsed()),
+    let result = infer_inner(state, req, &model, started).await;
+    if result.is_err() {
+        model.stats.fail.record(started.elapsed());
     }
     result
 }
 
+/// Scores one request; records its statistics when it succeeds.
 async fn infer_inner(
     state: &AppState,
     req: Request<Incoming>,
     model: &LoadedModel,
+    started: Instant,
 ) -> Result<Resp, ApiError> {
     let _permit = state.admission.admit()?;
     check_content(req.headers(), true)?;
@@ -214,7 +216,7 @@ async fn infer_inner(
         .map(|i| NamedTensor::new(i.name, i.tensor.expect("attach() filled every input")))
         .collect();
     let inputs = order_inputs(&model.metadata, inputs)?;
-    model.stats.compute_input.record(decode_started.elapsed());
+    let input_time = decode_started.elapsed();
 
     let done = model.infer(inputs, state.config.request_timeout).await?;
 
@@ -255,6 +257,12 @@ async fn infer_inner(
         r.headers_mut().insert(HEADER_LENGTH, HeaderValue::from(header.len()));
         r
     };
-    model.stats.compute_output.record(encode_started.elapsed());
+    model.stats.record_success(RequestTimes {
+        total: started.elapsed(),
+        queue: done.queue,
+        input: input_time,
+        infer: done.compute,
+        output: encode_started.elapsed(),
+    });
     Ok(resp)
 }

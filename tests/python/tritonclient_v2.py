@@ -85,6 +85,9 @@ def main():
         stats = client.get_inference_statistics(model)
         s = stats["model_stats"][0]["inference_stats"]
         assert s["success"]["count"] >= 3, stats
+        # Every stage is counted once per successful request (perf_analyzer refuses otherwise).
+        counts = {k: s[k]["count"] for k in ("success", "queue", "compute_input", "compute_infer", "compute_output")}
+        assert len(set(counts.values())) == 1, counts
     # Errors come back as exceptions carrying the server's message and status.
     try:
         client.infer("no-such-model", inputs)

@@ -30,6 +30,61 @@ trait Scalar: Sized {
     fn from_f64(_v: f64) -> Option<Self> {
         None
     }
+    /// Converts `NaN`, `Infinity` or `-Infinity` (quoted by [`quote_non_finite`]).
+    fn non_finite(word: &str) -> Option<Self> {
+        Self::from_f64(non_finite_f64(word)?)
+    }
+}
+
+fn non_finite_f64(word: &str) -> Option<f64> {
+    match word {
+        "NaN" => Some(f64::NAN),
+        "Infinity" => Some(f64::INFINITY),
+        "-Infinity" => Some(f64::NEG_INFINITY),
+        _ => None,
+    }
+}
+
+/// Words Python's `json` module and Triton's clients write for non-finite floats. They are not
+/// JSON, but Triton's parser accepts them, and perf_analyzer's random FP32 data contains them.
+const NON_FINITE: [&[u8]; 3] = [b"NaN", b"Infinity", b"-Infinity"];
+
+/// Quotes bare `NaN`, `Infinity` and `-Infinity` outside strings so serde_json can read the
+/// body; float data decodes the quoted words back (other datatypes reject them as strings).
+/// `None` when there is nothing to quote. Only called after a plain parse failed, so valid JSON
+/// never pays for this pass.
+pub fn quote_non_finite(json: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(json.len() + 64);
+    let (mut in_string, mut escaped, mut changed) = (false, false, false);
+    let mut i = 0;
+    'bytes: while i < json.len() {
+        let c = json[i];
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                in_string = false;
+            }
+        } else if c == b'"' {
+            in_string = true;
+        } else {
+            for word in NON_FINITE {
+                if json[i..].starts_with(word) {
+                    out.push(b'"');
+                    out.extend_from_slice(word);
+                    out.push(b'"');
+                    i += word.len();
+                    changed = true;
+                    continue 'bytes;
+                }
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
+    changed.then_some(out)
 }
 
 /// Parses an integer at the start of `s`: optional `-`, digits. A fraction or exponent makes it
@@ -164,6 +219,11 @@ fn scan<T: Scalar>(raw: &[u8], out: &mut Vec<T>, limit: usize, name: &str) -> Re
             b'-' | b'0'..=b'9' => T::number(&raw[start..]).map(|(v, n)| {
                 i += n;
                 v
+            }),
+            b'"' => NON_FINITE.iter().find_map(|w| {
+                raw[start + 1..].strip_prefix(*w)?.strip_prefix(b"\"")?;
+                i += w.len() + 2;
+                T::non_finite(std::str::from_utf8(w).ok()?)
             }),
             _ => None,
         };
@@ -415,7 +475,7 @@ impl<'de, T: Scalar> Visitor<'de> for Elements<'_, T> {
         self.push(T::from_f64(v), || v.to_string())
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        self.push(None, || describe(format!("{v:?}").as_bytes()))
+        self.push(T::non_finite(v), || describe(format!("{v:?}").as_bytes()))
     }
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
         self.push(None, || "null".into())

@@ -92,6 +92,17 @@ impl InferRequest {
 
 /// Decodes a JSON request header (the whole body of a JSON-only request).
 pub fn decode_request(json: &[u8]) -> Result<InferRequest, serde_json::Error> {
+    match parse(json) {
+        // Bare NaN / Infinity (Python's json, Triton's clients): quote them and read again.
+        Err(e) if e.is_syntax() => match data::quote_non_finite(json) {
+            Some(quoted) => parse(&quoted),
+            None => Err(e),
+        },
+        other => other,
+    }
+}
+
+fn parse(json: &[u8]) -> Result<InferRequest, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(json);
     let req = RequestSeed { body_len: json.len() }.deserialize(&mut de)?;
     de.end()?;
@@ -292,6 +303,19 @@ impl<'de> Visitor<'de> for InputSeed {
 mod tests {
     use super::*;
 
+    fn as_f64(t: &Tensor) -> Vec<f64> {
+        match t.datatype() {
+            DataType::Fp16 => {
+                t.to_vec::<kiln_runtime_core::f16>().unwrap().into_iter().map(f64::from).collect()
+            }
+            DataType::Bf16 => {
+                t.to_vec::<kiln_runtime_core::bf16>().unwrap().into_iter().map(f64::from).collect()
+            }
+            DataType::Fp32 => t.to_vec::<f32>().unwrap().into_iter().map(f64::from).collect(),
+            _ => t.to_vec::<f64>().unwrap(),
+        }
+    }
+
     fn decode(s: &str) -> Result<InferRequest, String> {
         decode_request(s.as_bytes()).map_err(|e| e.to_string())
     }
@@ -442,6 +466,40 @@ mod tests {
         for (t, g) in texts.iter().zip(got) {
             assert_eq!(g.to_bits(), t.parse::<f32>().unwrap().to_bits(), "{t}");
         }
+    }
+
+    #[test]
+    fn non_finite_floats_as_python_and_triton_write_them() {
+        for order in ["datatype_first", "data_first"] {
+            for dt in ["FP16", "BF16", "FP32", "FP64"] {
+                let data = "[NaN, Infinity,-Infinity, 1.5]";
+                let body = if order == "data_first" {
+                    format!(
+                        r#"{{"id":"NaN Infinity","inputs":[{{"data":{data},"name":"x","shape":[4],"datatype":"{dt}"}}]}}"#
+                    )
+                } else {
+                    format!(
+                        r#"{{"id":"NaN Infinity","inputs":[{{"name":"x","shape":[4],"datatype":"{dt}","data":{data}}}]}}"#
+                    )
+                };
+                let r = decode(&body).unwrap_or_else(|e| panic!("{dt} {order}: {e}"));
+                assert_eq!(r.id.as_deref(), Some("NaN Infinity"), "strings are left alone");
+                let v = as_f64(r.inputs[0].tensor.as_ref().unwrap());
+                assert!(
+                    v[0].is_nan() && v[1] == f64::INFINITY && v[2] == f64::NEG_INFINITY && v[3] == 1.5,
+                    "{dt} {order}: {v:?}"
+                );
+            }
+            // Not a float type: refused, by name.
+            let e = decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT32","data":[NaN]}]}"#)
+                .unwrap_err();
+            assert!(
+                e.contains("data element 0 is the string \"NaN\", which is not a valid INT32 value"),
+                "{e}"
+            );
+        }
+        // Invalid JSON otherwise stays invalid.
+        assert!(decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[Nan]}]}"#).is_err());
     }
 
     #[test]
