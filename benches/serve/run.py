@@ -183,7 +183,7 @@ def perf_analyzer(model, port, conc, seconds, fmt="json", batch=1, shape=None):
         rows = list(csv.DictReader(io.StringIO(open(f.name).read())))
         if not rows:
             lines = (out.stdout + out.stderr).strip().splitlines()
-            return {"error": next((l for l in lines if "stable" in l or "rror" in l), lines[-1] if lines else "no output")}
+            return {"error": next((l for l in lines if "stable" in l or "rror" in l or "what()" in l), lines[-1] if lines else "no output")}
         row = rows[0]
         return {"ips": float(row["Inferences/Second"]), "p50": float(row["p50 latency"]),
                 "p99": float(row["p99 latency"]), "queue": float(row["Server Queue"]),
