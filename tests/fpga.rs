@@ -188,6 +188,21 @@ fn bad_input_gets_clear_errors() {
         2,
         "CPU-only plan: serve it with --backend tract or --backend ort",
     );
+    // A model onnxruntime already quantized (QDQ): said so, with what to do instead.
+    let d = fixture("digits_mlp");
+    fails(
+        &kiln(&[
+            "fpga",
+            "compile",
+            d.join("model_qdq.onnx").to_str().unwrap(),
+            "--calibration",
+            d.join("calibration.json").to_str().unwrap(),
+            "-o",
+            dir.path().join("q").to_str().unwrap(),
+        ]),
+        2,
+        "models already quantized (QDQ/QLinear) are not read; compile the fp32 model with --calibration",
+    );
     // Calibration data of the wrong shape.
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"inputs":[{"name":"pixels","shape":[2,63],"datatype":"FP32","data":[[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]]}]}"#).unwrap();

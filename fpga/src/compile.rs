@@ -14,7 +14,7 @@
 //!    `kiln.fpga:KilnAccel` node, for tract to run around the accelerator.
 //! 5. Measures each layer's SQNR on the calibration data through the bit-exact emulator.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,6 +146,22 @@ impl<'a> Graph<'a> {
     fn init(&self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
         self.inits.get(name).and_then(|t| floats(t))
     }
+
+    /// The constant fp32 weights of a Conv/Gemm/MatMul, or why not. Weights produced by
+    /// DequantizeLinear mean an already-quantized (QDQ) model, which is said so.
+    fn weights(&self, node: &NodeProto) -> Result<(Vec<usize>, Vec<f32>), String> {
+        let name = node.input.get(1).ok_or("no weights")?;
+        if let Some(w) = self.init(name) {
+            return Ok(w);
+        }
+        let dequantized =
+            self.nodes.iter().any(|p| p.output.iter().any(|o| o == name) && p.op_type == "DequantizeLinear");
+        Err(if dequantized {
+            "weights come from DequantizeLinear: models already quantized (QDQ/QLinear) are not read; compile the fp32 model with --calibration".into()
+        } else {
+            "weights are not a constant fp32 tensor".into()
+        })
+    }
 }
 
 /// A constant scalar operand of a node (`Clip`'s min and max inputs); `None` when absent.
@@ -225,8 +241,7 @@ fn conv_candidate(g: &Graph<'_>, i: usize) -> Result<Candidate, String> {
     if attr(n, "auto_pad").is_some_and(|a| !a.s.is_empty() && a.s != b"NOTSET") {
         return Err("auto_pad".into());
     }
-    let (wshape, w) =
-        g.init(n.input.get(1).ok_or("no weights")?).ok_or("weights are not a constant fp32 tensor")?;
+    let (wshape, w) = g.weights(n)?;
     if wshape.len() != 4 {
         return Err("only 2-D convolution".into());
     }
@@ -299,8 +314,7 @@ fn conv_candidate(g: &Graph<'_>, i: usize) -> Result<Candidate, String> {
 
 fn gemm_candidate(g: &Graph<'_>, i: usize) -> Result<Candidate, String> {
     let n = &g.nodes[i];
-    let (wshape, w) =
-        g.init(n.input.get(1).ok_or("no weights")?).ok_or("weights are not a constant fp32 tensor")?;
+    let (wshape, w) = g.weights(n)?;
     if wshape.len() != 2 {
         return Err("weights are not a matrix".into());
     }
@@ -509,6 +523,18 @@ pub fn compile(
         }
     }
     if candidates.is_empty() {
+        let quantized: BTreeSet<&str> = g
+            .nodes
+            .iter()
+            .map(|n| n.op_type.as_str())
+            .filter(|op| ["QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"].contains(op))
+            .collect();
+        if !quantized.is_empty() {
+            report.kept_on_cpu.push(format!(
+                "{}: models already quantized (QDQ/QLinear) are not read; compile the fp32 model with --calibration",
+                quantized.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
         let why = if report.kept_on_cpu.is_empty() {
             String::new()
         } else {
