@@ -253,12 +253,6 @@ fn scan<T: Scalar>(raw: &[u8], out: &mut Vec<T>, limit: usize, name: &str) -> Re
     Ok(())
 }
 
-fn numbers<T: Scalar>(raw: &[u8], capacity: usize, limit: usize, name: &str) -> Result<Vec<T>, String> {
-    let mut out = Vec::with_capacity(capacity);
-    scan(raw, &mut out, limit, name)?;
-    Ok(out)
-}
-
 /// Flattens a nested JSON array of strings (BYTES).
 struct Strings<'a> {
     out: &'a mut Vec<Bytes>,
@@ -356,54 +350,123 @@ impl<'de> DeserializeSeed<'de> for DataSeed<'_> {
     type Value = Tensor;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Tensor, D::Error> {
-        let name = self.name;
-        let shape = self.shape;
-        let needed = element_count(shape).map_err(|e| de::Error::custom(format!("input \"{name}\": {e}")))?;
-        let capacity = needed.min(self.body_len / 2 + 1);
-        let fail = |e: kiln_runtime_core::Error| de::Error::custom(format!("input \"{name}\": {e}"));
-        let count = |n: usize| {
-            if n == needed {
-                Ok(())
-            } else {
-                Err(de::Error::custom(format!(
-                    "input \"{name}\": data has {n} elements, but shape {shape:?} needs {needed}"
-                )))
-            }
-        };
-        macro_rules! typed {
-            ($t:ty) => {{
-                let mut out: Vec<$t> = Vec::with_capacity(capacity);
-                d.deserialize_any(Elements { out: &mut out, limit: needed, name, top: true })?;
-                count(out.len())?;
-                Tensor::from_vec(shape.to_vec(), out).map_err(fail)
-            }};
+        tensor_of(
+            InPlace { d, name: self.name, de: std::marker::PhantomData },
+            self.datatype,
+            self.shape,
+            self.body_len / 2 + 1,
+            self.name,
+        )
+    }
+}
+
+/// How one decoding path reads the elements of `data`; [`tensor_of`] does the rest, once for
+/// both paths, so their checks and messages cannot drift apart.
+trait Fill {
+    type Error;
+    fn error(message: String) -> Self::Error;
+    /// Reads numbers or booleans into `out`, refusing more than `limit`.
+    fn numbers<T: Scalar>(self, out: &mut Vec<T>, limit: usize) -> Result<(), Self::Error>;
+    /// Reads BYTES elements into `out`, refusing more than `limit`.
+    fn strings(self, out: &mut Vec<Bytes>, limit: usize) -> Result<(), Self::Error>;
+}
+
+/// One pass: straight from the request's deserializer.
+struct InPlace<'a, 'de, D> {
+    d: D,
+    name: &'a str,
+    de: std::marker::PhantomData<&'de ()>,
+}
+
+impl<'de, D: Deserializer<'de>> Fill for InPlace<'_, 'de, D> {
+    type Error = D::Error;
+    fn error(message: String) -> D::Error {
+        de::Error::custom(message)
+    }
+    fn numbers<T: Scalar>(self, out: &mut Vec<T>, limit: usize) -> Result<(), D::Error> {
+        self.d.deserialize_any(Elements { out, limit, name: self.name, top: true })
+    }
+    fn strings(self, out: &mut Vec<Bytes>, limit: usize) -> Result<(), D::Error> {
+        Strings { out, limit, name: self.name }.deserialize(self.d)
+    }
+}
+
+/// Two passes: from a slice serde_json has already validated.
+struct Scanned<'a> {
+    raw: &'a str,
+    name: &'a str,
+}
+
+impl Fill for Scanned<'_> {
+    type Error = String;
+    fn error(message: String) -> String {
+        message
+    }
+    fn numbers<T: Scalar>(self, out: &mut Vec<T>, limit: usize) -> Result<(), String> {
+        scan(self.raw.as_bytes(), out, limit, self.name)
+    }
+    fn strings(self, out: &mut Vec<Bytes>, limit: usize) -> Result<(), String> {
+        let mut de = serde_json::Deserializer::from_str(self.raw);
+        Strings { out, limit, name: self.name }.deserialize(&mut de).map_err(|e| e.to_string())
+    }
+}
+
+/// A tensor of `datatype` and `shape` from what `fill` reads. Buffers are pre-allocated for at
+/// most `capacity_bound` elements (what the body could hold: each element takes ≥ 2 bytes of
+/// JSON), so a request claiming an absurd shape cannot make the server allocate more than its
+/// body; the count is checked against the shape afterwards.
+fn tensor_of<F: Fill>(
+    fill: F,
+    datatype: DataType,
+    shape: &[usize],
+    capacity_bound: usize,
+    name: &str,
+) -> Result<Tensor, F::Error> {
+    let needed = element_count(shape).map_err(|e| F::error(format!("input \"{name}\": {e}")))?;
+    let capacity = needed.min(capacity_bound);
+    let fail = |e: kiln_runtime_core::Error| F::error(format!("input \"{name}\": {e}"));
+    let count = |n: usize| {
+        if n == needed {
+            Ok(())
+        } else {
+            Err(F::error(format!(
+                "input \"{name}\": data has {n} elements, but shape {shape:?} needs {needed}"
+            )))
         }
-        match self.datatype {
-            DataType::Bool => {
-                let mut out: Vec<Flag> = Vec::with_capacity(capacity);
-                d.deserialize_any(Elements { out: &mut out, limit: needed, name, top: true })?;
-                count(out.len())?;
-                let bytes: Vec<u8> = out.into_iter().map(|f| f.0).collect();
-                Tensor::from_raw(DataType::Bool, shape.to_vec(), Bytes::from(bytes)).map_err(fail)
-            }
-            DataType::Uint8 => typed!(u8),
-            DataType::Uint16 => typed!(u16),
-            DataType::Uint32 => typed!(u32),
-            DataType::Uint64 => typed!(u64),
-            DataType::Int8 => typed!(i8),
-            DataType::Int16 => typed!(i16),
-            DataType::Int32 => typed!(i32),
-            DataType::Int64 => typed!(i64),
-            DataType::Fp16 => typed!(f16),
-            DataType::Bf16 => typed!(bf16),
-            DataType::Fp32 => typed!(f32),
-            DataType::Fp64 => typed!(f64),
-            DataType::Bytes => {
-                let mut out = Vec::with_capacity(capacity);
-                Strings { out: &mut out, limit: needed, name }.deserialize(d)?;
-                count(out.len())?;
-                Tensor::from_strings(shape.to_vec(), out).map_err(fail)
-            }
+    };
+    macro_rules! typed {
+        ($t:ty) => {{
+            let mut out: Vec<$t> = Vec::with_capacity(capacity);
+            fill.numbers(&mut out, needed)?;
+            count(out.len())?;
+            Tensor::from_vec(shape.to_vec(), out).map_err(fail)
+        }};
+    }
+    match datatype {
+        DataType::Bool => {
+            let mut out: Vec<Flag> = Vec::with_capacity(capacity);
+            fill.numbers(&mut out, needed)?;
+            count(out.len())?;
+            let bytes: Vec<u8> = out.into_iter().map(|f| f.0).collect();
+            Tensor::from_raw(DataType::Bool, shape.to_vec(), Bytes::from(bytes)).map_err(fail)
+        }
+        DataType::Uint8 => typed!(u8),
+        DataType::Uint16 => typed!(u16),
+        DataType::Uint32 => typed!(u32),
+        DataType::Uint64 => typed!(u64),
+        DataType::Int8 => typed!(i8),
+        DataType::Int16 => typed!(i16),
+        DataType::Int32 => typed!(i32),
+        DataType::Int64 => typed!(i64),
+        DataType::Fp16 => typed!(f16),
+        DataType::Bf16 => typed!(bf16),
+        DataType::Fp32 => typed!(f32),
+        DataType::Fp64 => typed!(f64),
+        DataType::Bytes => {
+            let mut out = Vec::with_capacity(capacity);
+            fill.strings(&mut out, needed)?;
+            count(out.len())?;
+            Tensor::from_strings(shape.to_vec(), out).map_err(fail)
         }
     }
 }
@@ -489,51 +552,7 @@ impl<'de, T: Scalar> Visitor<'de> for Elements<'_, T> {
 /// pre-allocated for at most what the body could hold (each element takes ≥ 2 bytes of JSON), so
 /// a request claiming an absurd shape cannot make the server allocate more than its body.
 pub fn decode_data(raw: &str, datatype: DataType, shape: Vec<usize>, name: &str) -> Result<Tensor, String> {
-    let needed = element_count(&shape).map_err(|e| format!("input \"{name}\": {e}"))?;
-    let capacity = needed.min(raw.len() / 2 + 1);
-    let b = raw.as_bytes();
-    let fail = |e: kiln_runtime_core::Error| format!("input \"{name}\": {e}");
-    let count = |n: usize| -> Result<(), String> {
-        if n == needed {
-            Ok(())
-        } else {
-            Err(format!("input \"{name}\": data has {n} elements, but shape {shape:?} needs {needed}"))
-        }
-    };
-    macro_rules! typed {
-        ($t:ty) => {{
-            let v = numbers::<$t>(b, capacity, needed, name)?;
-            count(v.len())?;
-            Tensor::from_vec(shape.clone(), v).map_err(fail)
-        }};
-    }
-    match datatype {
-        DataType::Bool => {
-            let v = numbers::<Flag>(b, capacity, needed, name)?;
-            count(v.len())?;
-            let bytes: Vec<u8> = v.into_iter().map(|f| f.0).collect();
-            Tensor::from_raw(DataType::Bool, shape.clone(), Bytes::from(bytes)).map_err(fail)
-        }
-        DataType::Uint8 => typed!(u8),
-        DataType::Uint16 => typed!(u16),
-        DataType::Uint32 => typed!(u32),
-        DataType::Uint64 => typed!(u64),
-        DataType::Int8 => typed!(i8),
-        DataType::Int16 => typed!(i16),
-        DataType::Int32 => typed!(i32),
-        DataType::Int64 => typed!(i64),
-        DataType::Fp16 => typed!(f16),
-        DataType::Bf16 => typed!(bf16),
-        DataType::Fp32 => typed!(f32),
-        DataType::Fp64 => typed!(f64),
-        DataType::Bytes => {
-            let mut out = Vec::with_capacity(capacity);
-            let mut de = serde_json::Deserializer::from_str(raw);
-            Strings { out: &mut out, limit: needed, name }.deserialize(&mut de).map_err(|e| e.to_string())?;
-            count(out.len())?;
-            Tensor::from_strings(shape.clone(), out).map_err(fail)
-        }
-    }
+    tensor_of(Scanned { raw, name }, datatype, &shape, raw.len() / 2 + 1, name)
 }
 
 #[cfg(test)]
