@@ -10,124 +10,12 @@ use std::time::Instant;
 
 use kiln_fpga::numerics::{MAX_K, Requant, TileQuant, TileShape, check_tile, tile, tile_cycles};
 
+mod common;
+use common::{BIAS_MAX, M0_MIN, Rng, Tile, random_tile};
+
 const SEED: u64 = 0x6b69_6c6e_5254_4c31;
 /// Random tiles on top of the fixed edge cases (iverilog simulates ~10k cycles/s of this design).
 const RANDOM_TILES: usize = 1000;
-
-/// xorshift64*: small, seeded, good enough for test vectors.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.max(1))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % (hi - lo + 1) as u64) as i64
-    }
-    /// True with probability `pct`%.
-    fn pct(&mut self, pct: u64) -> bool {
-        self.next() % 100 < pct
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[(self.next() % xs.len() as u64) as usize]
-    }
-}
-
-const BIAS_MAX: i32 = (1 << 30) - 1;
-const M0_MIN: i32 = 1 << 30;
-
-struct Tile {
-    shape: TileShape,
-    a: Vec<i8>,
-    w: Vec<i8>,
-    bias: Vec<i32>,
-    rq: Vec<Requant>,
-    q: TileQuant,
-}
-
-/// A random tile of the given shape, mixing uniform values with the contract's extremes.
-fn random_tile(rng: &mut Rng, shape: TileShape) -> Tile {
-    let TileShape { r, k, c } = shape;
-    let zp_a = match rng.range(0, 3) {
-        0 => rng.pick(&[-128i8, 127]),
-        1 => 0,
-        _ => rng.range(-128, 127) as i8,
-    };
-    let a_mode = rng.range(0, 3);
-    let a = (0..r * k)
-        .map(|_| match a_mode {
-            0 => rng.pick(&[-128i8, 127]),
-            1 => (i64::from(zp_a) + rng.range(-8, 8)).clamp(-128, 127) as i8,
-            _ => rng.range(-128, 127) as i8,
-        })
-        .collect();
-    let w_mode = rng.range(0, 3);
-    let w = (0..k * c)
-        .map(|_| match w_mode {
-            0 => rng.pick(&[-127i8, 127]),
-            1 => rng.pick(&[-1i8, 0, 1, 0, 5, -127, 127]),
-            _ => rng.range(-127, 127) as i8,
-        })
-        .collect();
-    let bias_mode = rng.range(0, 3);
-    let bias = (0..c)
-        .map(|_| match bias_mode {
-            0 => rng.pick(&[-BIAS_MAX, BIAS_MAX, 0]),
-            1 => rng.range(-(1 << 15), 1 << 15) as i32,
-            _ => rng.range(-i64::from(BIAS_MAX), i64::from(BIAS_MAX)) as i32,
-        })
-        .collect();
-    let q = TileQuant {
-        zp_a,
-        zp_y: if rng.pct(30) { rng.pick(&[-128i8, 127, 0]) } else { rng.range(-128, 127) as i8 },
-        relu: rng.pct(50),
-    };
-    let mut t = Tile { shape, a, w, bias, rq: Vec::new(), q };
-    // Shifts: either extremes/uniform, or fitted to the accumulators so outputs span int8.
-    let accs = accumulators(&t);
-    let fit = rng.pct(60);
-    t.rq = (0..c)
-        .map(|col| {
-            let multiplier = match rng.range(0, 3) {
-                0 => M0_MIN,
-                1 => i32::MAX,
-                _ => rng.range(i64::from(M0_MIN), i64::from(i32::MAX)) as i32,
-            };
-            let shift = if fit {
-                let max = (0..r).map(|row| accs[row * c + col].unsigned_abs()).max().unwrap_or(0);
-                let bits = 32 - max.leading_zeros() as i64;
-                (bits - 8 + rng.range(-1, 2)).clamp(0, 31) as u8
-            } else {
-                let any = rng.range(0, 31) as u8;
-                rng.pick(&[0u8, 31, any])
-            };
-            Requant { multiplier, shift }
-        })
-        .collect();
-    t
-}
-
-fn accumulators(t: &Tile) -> Vec<i32> {
-    let TileShape { r, k, c } = t.shape;
-    let mut out = vec![0i32; r * c];
-    for row in 0..r {
-        for col in 0..c {
-            let mut acc = t.bias[col];
-            for kk in 0..k {
-                acc += (i32::from(t.a[row * k + kk]) - i32::from(t.q.zp_a)) * i32::from(t.w[kk * c + col]);
-            }
-            out[row * c + col] = acc;
-        }
-    }
-    out
-}
 
 fn random_shape(rng: &mut Rng) -> TileShape {
     let dim = |rng: &mut Rng| if rng.pct(30) { rng.pick(&[1, 8]) } else { rng.range(1, 8) as usize };
