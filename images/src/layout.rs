@@ -280,6 +280,15 @@ impl Layout {
         reader: &mut dyn Read,
         mut progress: impl FnMut(u64),
     ) -> Result<(Digest, u64), LayoutError> {
+        self.fill(reader, &mut progress)?.finish(None)
+    }
+
+    /// A blob writer holding everything `reader` yields, not yet committed.
+    fn fill(
+        &self,
+        reader: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<BlobWriter<'_>, LayoutError> {
         let mut w = self.writer()?;
         let mut buf = vec![0u8; BUF];
         loop {
@@ -292,7 +301,7 @@ impl Layout {
             w.write(&buf[..n])?;
             progress(w.size);
         }
-        w.finish(None)
+        Ok(w)
     }
 
     /// Stores a file's content.
@@ -315,18 +324,7 @@ impl Layout {
     /// Stores `reader`'s content, which must hash to `expected` (a pulled blob); a mismatch
     /// stores nothing.
     pub fn put_verified(&self, reader: &mut dyn Read, expected: &Digest) -> Result<u64, LayoutError> {
-        let mut w = self.writer()?;
-        let mut buf = vec![0u8; BUF];
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("reading the source for", &w.tmp.clone())(e)),
-            };
-            w.write(&buf[..n])?;
-        }
-        w.finish(Some(expected)).map(|(_, n)| n)
+        self.fill(reader, &mut |_| {})?.finish(Some(expected)).map(|(_, n)| n)
     }
 
     /// Opens a stored blob.

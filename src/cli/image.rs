@@ -112,14 +112,6 @@ fn build_error(e: BuildError) -> anyhow::Error {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    kiln_images::init_tls();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
-}
-
 /// Runs `kiln image ...`.
 pub fn run(workspace: PathBuf, cmd: ImageCommand) -> anyhow::Result<()> {
     let ws = Workspace::open(&workspace).map_err(classify)?;
@@ -145,7 +137,7 @@ pub fn run(workspace: PathBuf, cmd: ImageCommand) -> anyhow::Result<()> {
                 kiln_binary: a.kiln_binary.clone(),
             };
             let verbose = std::io::stderr().is_terminal();
-            let report = runtime()?
+            let report = super::registry_runtime()?
                 .block_on(package::build(&ws, &req, &|line| {
                     if verbose {
                         eprintln!("  {line}");
@@ -287,7 +279,8 @@ pub fn run(workspace: PathBuf, cmd: ImageCommand) -> anyhow::Result<()> {
                         bar.finish();
                     }
                 });
-            let report = runtime()?.block_on(export::push(&ws, &a.image, &registry, &reference, progress))?;
+            let report = super::registry_runtime()?
+                .block_on(export::push(&ws, &a.image, &registry, &reference, progress))?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

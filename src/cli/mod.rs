@@ -115,6 +115,15 @@ impl Cli {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// A single-threaded runtime for the registry client (push, pull, base images), with TLS set up.
+pub fn registry_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    kiln_images::init_tls();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+}
+
 /// Maps a scoring-seam error to usage (the user's file or data is wrong) or failure.
 pub fn classify(e: kiln_runtime_core::Error) -> anyhow::Error {
     match e {

@@ -278,14 +278,6 @@ fn bar(total: u64, label: &str) -> Option<indicatif::ProgressBar> {
     Some(pb)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    kiln_images::init_tls();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
-}
-
 /// Runs `kiln model ...`.
 pub fn run(workspace: PathBuf, cmd: ModelCommand) -> anyhow::Result<()> {
     let mut ws = Workspace::open(&workspace).map_err(classify)?;
@@ -399,7 +391,7 @@ pub fn run(workspace: PathBuf, cmd: ModelCommand) -> anyhow::Result<()> {
             let total = m.size_bytes;
             let pb = bar(total, &format!("pushing {}:{}", m.name, m.version));
             let pb_for_push = pb.clone();
-            let report = runtime()?.block_on(registry::artifact::push(
+            let report = super::registry_runtime()?.block_on(registry::artifact::push(
                 &ws,
                 &m,
                 &registry,
@@ -433,7 +425,8 @@ pub fn run(workspace: PathBuf, cmd: ModelCommand) -> anyhow::Result<()> {
             let registry = kiln_images::registry::Registry::new(
                 kiln_images::registry::RegistryOptions::from_env(a.insecure_registry),
             );
-            let (r, new) = runtime()?.block_on(registry::artifact::pull(&mut ws, &registry, &reference))?;
+            let (r, new) = super::registry_runtime()?
+                .block_on(registry::artifact::pull(&mut ws, &registry, &reference))?;
             if new {
                 println!("{r}");
             } else {
