@@ -26,6 +26,23 @@ pub struct DeviceInfo {
     pub clock_hz: u64,
 }
 
+impl DeviceInfo {
+    /// A device implementing this build's numerics contract: its array, K limit, version and
+    /// modelled clock.
+    pub fn for_contract(kind: &str, name: String, compute_units: usize) -> Self {
+        use crate::numerics::{ARRAY_COLS, ARRAY_ROWS, CLOCK_HZ, MAX_K, NUMERICS_VERSION};
+        DeviceInfo {
+            kind: kind.into(),
+            name,
+            compute_units,
+            array: (ARRAY_ROWS, ARRAY_COLS),
+            max_k: MAX_K,
+            numerics_version: NUMERICS_VERSION,
+            clock_hz: CLOCK_HZ,
+        }
+    }
+}
+
 /// A device buffer handle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BufferId(pub u64);

@@ -13,7 +13,7 @@ use crate::device::{
     BufferId, Device, DeviceError, DeviceInfo, RunHandle, RunReport, TileCommand, unpack_requant,
 };
 use crate::image::AcceleratorImage;
-use crate::numerics::{self, ARRAY_COLS, ARRAY_ROWS, MAX_K, NUMERICS_VERSION, Requant, TileQuant, TileShape};
+use crate::numerics::{self, ARRAY_COLS, Requant, TileQuant, TileShape};
 
 /// The emulator's GEMM tile: `acc = bias + Σ a·w − zp_a·Σ_k w`, the zero point folded out of the
 /// inner loop. Bit-identical to [`numerics::tile`] by algebra; property tests check it.
@@ -218,15 +218,7 @@ impl Device for EmulatedDevice {
         } else {
             ("emulated", "Kiln GEMM accelerator (bit-exact emulator)")
         };
-        DeviceInfo {
-            kind: kind.into(),
-            name: name.into(),
-            compute_units: self.workers.len(),
-            array: (ARRAY_ROWS, ARRAY_COLS),
-            max_k: MAX_K,
-            numerics_version: NUMERICS_VERSION,
-            clock_hz: numerics::CLOCK_HZ,
-        }
+        DeviceInfo::for_contract(kind, name.into(), self.workers.len())
     }
 
     fn load_image(&self, image: &AcceleratorImage) -> Result<(), DeviceError> {

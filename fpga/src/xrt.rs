@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::device::{BufferId, Device, DeviceError, DeviceInfo, RunHandle, RunReport, TileCommand};
 use crate::image::AcceleratorImage;
-use crate::numerics::{self, ARRAY_COLS, ARRAY_ROWS, MAX_K, NUMERICS_VERSION};
+use crate::numerics;
 
 unsafe extern "C" {
     fn kiln_xrt_open(index: c_uint) -> *mut c_void;
@@ -133,15 +133,7 @@ impl Drop for XrtDevice {
 
 impl Device for XrtDevice {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            kind: "xrt".into(),
-            name: format!("XRT device {}", self.index),
-            compute_units: 1,
-            array: (ARRAY_ROWS, ARRAY_COLS),
-            max_k: MAX_K,
-            numerics_version: NUMERICS_VERSION,
-            clock_hz: numerics::CLOCK_HZ,
-        }
+        DeviceInfo::for_contract("xrt", format!("XRT device {}", self.index), 1)
     }
 
     fn load_image(&self, image: &AcceleratorImage) -> Result<(), DeviceError> {
