@@ -331,6 +331,7 @@ mod tests {
     use super::*;
     use crate::device::pack_requant;
     use crate::image::{AcceleratorImage, new_header};
+    use crate::numerics::MAX_K;
 
     /// xorshift64*: seeded, reproducible.
     struct Rng(u64);
