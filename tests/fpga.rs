@@ -21,17 +21,6 @@ fn kiln(args: &[&str]) -> Output {
     Command::new(kiln_bin()).args(args).env("KILN_LOG", "warn").output().unwrap()
 }
 
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "kiln failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(out: &Output, code: i32, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "exit code; stderr: {stderr}");
-    assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
-}
-
 fn compile(dir: &Path, fixture_name: &str) -> PathBuf {
     let out = dir.join(format!("{fixture_name}.kacc"));
     let f = fixture(fixture_name);

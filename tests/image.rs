@@ -27,20 +27,9 @@ fn kiln_ws_env(ws: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().unwrap()
 }
 
+/// [`common::ok`], trimmed: most commands here print one line (a digest, a tag).
 fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "kiln failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn fails(out: &Output, code: i32, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "exit code; stderr: {stderr}");
-    assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    common::ok(out).trim().to_string()
 }
 
 fn register(ws: &Path, name: &str) {

@@ -25,20 +25,10 @@ fn kiln_ws(ws: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "kiln failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
+/// [`common::fails`], and never by panicking.
 fn fails(out: &Output, code: i32, needle: &str) {
+    common::fails(out, code, needle);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "exit code; stderr: {stderr}");
-    assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
