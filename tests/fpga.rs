@@ -21,18 +21,23 @@ fn kiln(args: &[&str]) -> Output {
     Command::new(kiln_bin()).args(args).env("KILN_LOG", "warn").output().unwrap()
 }
 
+/// `kiln fpga compile MODEL --calibration DATA -o OUT`.
+fn fpga_compile(model: &Path, calibration: &Path, out: &Path) -> Output {
+    kiln(&[
+        "fpga",
+        "compile",
+        model.to_str().unwrap(),
+        "--calibration",
+        calibration.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ])
+}
+
 fn compile(dir: &Path, fixture_name: &str) -> PathBuf {
     let out = dir.join(format!("{fixture_name}.kacc"));
     let f = fixture(fixture_name);
-    ok(&kiln(&[
-        "fpga",
-        "compile",
-        f.join("model.onnx").to_str().unwrap(),
-        "--calibration",
-        f.join("calibration.json").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]));
+    ok(&fpga_compile(&f.join("model.onnx"), &f.join("calibration.json"), &out));
     out
 }
 
@@ -117,15 +122,8 @@ fn the_cnn_partitions_and_runs_end_to_end() {
 fn cli_reports_devices_partitions_and_predicts() {
     let dir = tempfile::tempdir().unwrap();
     let f = fixture("cnn");
-    let out = ok(&kiln(&[
-        "fpga",
-        "compile",
-        f.join("model.onnx").to_str().unwrap(),
-        "--calibration",
-        f.join("calibration.json").to_str().unwrap(),
-        "-o",
-        dir.path().join("c.kacc").to_str().unwrap(),
-    ]));
+    let out =
+        ok(&fpga_compile(&f.join("model.onnx"), &f.join("calibration.json"), &dir.path().join("c.kacc")));
     assert!(
         out.contains("SQNR") && out.contains("cpu (tract): Flatten x1, GlobalAveragePool x1, MaxPool x2"),
         "{out}"
@@ -165,30 +163,14 @@ fn bad_input_gets_clear_errors() {
     // No supported subgraph: a CPU-only plan is offered.
     let f = fixture("int64_bool");
     fails(
-        &kiln(&[
-            "fpga",
-            "compile",
-            f.join("model.onnx").to_str().unwrap(),
-            "--calibration",
-            f.join("input.json").to_str().unwrap(),
-            "-o",
-            dir.path().join("x").to_str().unwrap(),
-        ]),
+        &fpga_compile(&f.join("model.onnx"), &f.join("input.json"), &dir.path().join("x")),
         2,
         "CPU-only plan: serve it with --backend tract or --backend ort",
     );
     // A model onnxruntime already quantized (QDQ): said so, with what to do instead.
     let d = fixture("digits_mlp");
     fails(
-        &kiln(&[
-            "fpga",
-            "compile",
-            d.join("model_qdq.onnx").to_str().unwrap(),
-            "--calibration",
-            d.join("calibration.json").to_str().unwrap(),
-            "-o",
-            dir.path().join("q").to_str().unwrap(),
-        ]),
+        &fpga_compile(&d.join("model_qdq.onnx"), &d.join("calibration.json"), &dir.path().join("q")),
         2,
         "models already quantized (QDQ/QLinear) are not read; compile the fp32 model with --calibration",
     );
@@ -197,33 +179,13 @@ fn bad_input_gets_clear_errors() {
     std::fs::write(&bad, r#"{"inputs":[{"name":"pixels","shape":[2,63],"datatype":"FP32","data":[[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]]}]}"#).unwrap();
     let m = fixture("digits_mlp").join("model.onnx");
     fails(
-        &kiln(&[
-            "fpga",
-            "compile",
-            m.to_str().unwrap(),
-            "--calibration",
-            bad.to_str().unwrap(),
-            "-o",
-            dir.path().join("x").to_str().unwrap(),
-        ]),
+        &fpga_compile(&m, &bad, &dir.path().join("x")),
         2,
         "input \"pixels\" has shape [2, 63], the model expects [-1, 64]",
     );
     std::fs::write(&bad, r#"{"inputs":[{"name":"wrong","shape":[1,1],"datatype":"FP32","data":[0]}]}"#)
         .unwrap();
-    fails(
-        &kiln(&[
-            "fpga",
-            "compile",
-            m.to_str().unwrap(),
-            "--calibration",
-            bad.to_str().unwrap(),
-            "-o",
-            dir.path().join("x").to_str().unwrap(),
-        ]),
-        2,
-        "no data for model input \"pixels\"",
-    );
+    fails(&fpga_compile(&m, &bad, &dir.path().join("x")), 2, "no data for model input \"pixels\"");
 
     // An image built for another array size, or numerics version, is refused with both named.
     let image = compile(dir.path(), "digits_mlp");
