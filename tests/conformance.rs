@@ -166,3 +166,24 @@ fn tract_session_is_shared_across_threads() {
         t.join().unwrap();
     }
 }
+
+/// tract 0.23 tabulates `DequantizeLinear → Softmax → QuantizeLinear` as if Softmax were
+/// elementwise and answers 1.0 for every probability of onnxruntime's QDQ digits model; the tract
+/// backend declines such a model (so `auto` picks ort) instead of answering wrongly, and still
+/// takes a QDQ model without that chain.
+#[test]
+fn tract_declines_a_quantized_softmax_it_would_tabulate() {
+    let tract = kiln_runtime_tract::TractBackend::new();
+    let qdq = ModelFile::read(fixture("digits_mlp").join("model_qdq.onnx")).unwrap();
+    let support = tract.supports(&qdq).unwrap();
+    assert_eq!(support.unsupported_ops.len(), 1, "{support:?}");
+    assert!(
+        support.unsupported_ops[0]
+            .starts_with("Softmax between DequantizeLinear and QuantizeLinear (\"probabilities"),
+        "{support:?}"
+    );
+    let cnn = ModelFile::read(fixture("cnn").join("model_qdq.onnx")).unwrap();
+    assert_eq!(tract.supports(&cnn).unwrap().unsupported_ops, Vec::<String>::new());
+    let selected = BackendConfig::default().select(&qdq).unwrap();
+    assert_eq!(selected.backend.name(), "ort");
+}

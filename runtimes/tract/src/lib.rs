@@ -83,6 +83,15 @@ pub fn supports_with(model: &ModelFile, framework: &tract_onnx::Onnx) -> Result<
             unsupported.insert(format!("{} tensors (\"{}\")", value.datatype, value.name));
         }
     }
+    if unsupported.is_empty()
+        && ["DequantizeLinear", "QuantizeLinear"].iter().all(|op| info.operators.contains_key(*op))
+        && LUT_WRONG.iter().any(|op| info.operators.contains_key(*op))
+    {
+        let proto = framework
+            .proto_model_for_read(&mut &model.bytes()[..])
+            .map_err(|e| invalid_model(model, chain(&e)))?;
+        unsupported.extend(quantized_chains_tract_tabulates(&proto));
+    }
     // Operators tract has but computes wrongly for some types only show once the graph is
     // typed, which costs as much as loading: do it only when such an operator is present.
     if unsupported.is_empty() && info.operators.keys().any(|op| TYPE_SENSITIVE.contains(&op.as_str())) {
@@ -184,6 +193,69 @@ fn typed_model(
     }
     let typed = inference.into_typed().map_err(|e| invalid_model(model, chain(&e)))?;
     Ok((typed, specs))
+}
+
+/// Operators that are not elementwise, which tract 0.23 nevertheless turns into a 256-entry lookup
+/// table when they sit on a chain of single-consumer links from a `DequantizeLinear` of 8-bit
+/// integers to a `QuantizeLinear` (its `DequantizeLinearF32::declutter`): the table is computed
+/// by running the chain on one 256-element vector, so a Softmax normalises over all 256 codes.
+/// Found on onnxruntime's QDQ models, where `DequantizeLinear → Softmax → QuantizeLinear` answers
+/// 1.0 for every probability.
+const LUT_WRONG: &[&str] = &["Softmax", "LogSoftmax"];
+
+/// The [`LUT_WRONG`] operators of `proto` that tract would tabulate.
+fn quantized_chains_tract_tabulates(proto: &tract_onnx::pb::ModelProto) -> Vec<String> {
+    let Some(graph) = &proto.graph else { return Vec::new() };
+    let nodes = &graph.node;
+    let outputs: BTreeSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let producer = |tensor: &str| nodes.iter().find(|n| n.output.iter().any(|o| o == tensor));
+    // The node consuming `tensor`, when it alone does (the chain tract follows).
+    let single_consumer = |tensor: &str| {
+        let mut readers = nodes.iter().filter(|n| n.input.iter().any(|i| i == tensor));
+        match (readers.next(), readers.next()) {
+            (Some(n), None) if !outputs.contains(tensor) => Some(n),
+            _ => None,
+        }
+    };
+    let mut found = Vec::new();
+    for node in nodes.iter().filter(|n| n.domain.is_empty() && LUT_WRONG.contains(&n.op_type.as_str())) {
+        // Back through single-input links to a DequantizeLinear, forward to a QuantizeLinear.
+        let mut back = node;
+        let from_dq = loop {
+            let Some(p) = back.input.first().and_then(|i| producer(i)) else { break false };
+            if !single_consumer(&p.output[0]).is_some_and(|c| std::ptr::eq(c, back)) {
+                break false;
+            }
+            if p.op_type == "DequantizeLinear" {
+                break true;
+            }
+            if p.input.iter().filter(|i| !i.is_empty()).count() != 1 {
+                break false;
+            }
+            back = p;
+        };
+        let mut forward = node;
+        let to_q = loop {
+            match forward.output.first().and_then(|o| single_consumer(o)) {
+                Some(c) if c.op_type == "QuantizeLinear" => break true,
+                Some(c) if c.input.iter().filter(|i| !i.is_empty()).count() == 1 => forward = c,
+                _ => break false,
+            }
+        };
+        if from_dq && to_q {
+            let name = if node.name.is_empty() {
+                node.output.first().cloned().unwrap_or_default()
+            } else {
+                node.name.clone()
+            };
+            found.push(format!(
+                "{} between DequantizeLinear and QuantizeLinear (\"{}\": tract 0.23 evaluates it as an \
+                 elementwise lookup table, which is wrong for it)",
+                node.op_type, name
+            ));
+        }
+    }
+    found
 }
 
 /// Kernels of tract 0.23 that give wrong answers for some element types, found by the
