@@ -96,7 +96,7 @@ fn the_cnn_partitions_and_runs_end_to_end() {
     assert_eq!(report.cpu_ops.get("MaxPool"), Some(&2));
     assert!(report.cpu_ops.contains_key("GlobalAveragePool"));
     assert!(
-        parsed.header.layers.iter().all(|l| l.sqnr_db > 25.0),
+        parsed.header.layers.iter().all(|l| l.sqnr_db.unwrap() > 25.0),
         "{:?}",
         parsed.header.layers.iter().map(|l| l.sqnr_db).collect::<Vec<_>>()
     );
@@ -167,12 +167,19 @@ fn bad_input_gets_clear_errors() {
         2,
         "CPU-only plan: serve it with --backend tract or --backend ort",
     );
-    // A model onnxruntime already quantized (QDQ): said so, with what to do instead.
-    let d = fixture("digits_mlp");
+    // onnxruntime's contrib QGemm (its QOperator form of Gemm) is not read, and tract cannot run
+    // it on the CPU either: said so, with the form that is read.
+    let c = fixture("cnn");
     fails(
-        &fpga_compile(&d.join("model_qdq.onnx"), &d.join("calibration.json"), &dir.path().join("q")),
+        &kiln(&["fpga", "compile", c.join("model_qgemm.onnx").to_str().unwrap(), "-o", "/dev/null"]),
+        1,
+        "unsupported operator(s) com.microsoft:QGemm; quantized forms read: QDQ, QLinearConv, QLinearMatMul",
+    );
+    // A model that quantizes only some layers needs calibration for the rest, and names them.
+    fails(
+        &kiln(&["fpga", "compile", c.join("model_qlinear.onnx").to_str().unwrap(), "-o", "/dev/null"]),
         2,
-        "models already quantized (QDQ/QLinear) are not read; compile the fp32 model with --calibration",
+        "none given, and the model does not quantize the input or output of Gemm -> logits",
     );
     // Calibration data of the wrong shape.
     let bad = dir.path().join("bad.json");
@@ -436,4 +443,137 @@ fn clip_activations_fuse_and_match_onnxruntime() {
         exact_at_bounds * 10 >= saturated * 9,
         "{exact_at_bounds} of {saturated} clipped outputs at the bound"
     );
+}
+
+/// `kiln fpga compile MODEL -o OUT` with no calibration data.
+fn compile_uncalibrated(dir: &Path, model: &Path) -> (PathBuf, AcceleratorImage) {
+    let out = dir.join(format!("{}.kacc", model.file_stem().unwrap().to_str().unwrap()));
+    ok(&kiln(&["fpga", "compile", model.to_str().unwrap(), "-o", out.to_str().unwrap()]));
+    let parsed = AcceleratorImage::parse(&std::fs::read(&out).unwrap()).unwrap();
+    (out, parsed)
+}
+
+/// The first output of a V2 response file, as f32.
+fn expected_output(path: PathBuf) -> Vec<f32> {
+    flatten(&read_json(path)["outputs"][0]["data"]).iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+/// How far `got` is from `want` in steps of the quantization grid `step`: the largest distance,
+/// and how many elements sit on another grid point.
+fn steps_apart(got: &[f32], want: &[f32], step: f32) -> (f32, usize) {
+    assert_eq!(got.len(), want.len());
+    let steps: Vec<f32> = got.iter().zip(want).map(|(g, w)| (g - w).abs() / step).collect();
+    (steps.iter().copied().fold(0.0, f32::max), steps.iter().filter(|&&s| s > 0.5).count())
+}
+
+#[test]
+fn a_qdq_model_keeps_its_own_quantization_and_matches_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fixture("digits_mlp");
+    // No calibration needed: the model states every scale, zero point and integer weight.
+    let (image, parsed) = compile_uncalibrated(dir.path(), &d.join("model_qdq.onnx"));
+    let layers = &parsed.header.layers;
+    assert_eq!(layers.len(), 2, "{:?}", parsed.header.report);
+    assert!(layers.iter().all(|l| l.sqnr_db.is_none()), "no calibration, no SQNR");
+    // Both Gemms with their weight and bias DequantizeLinear and the Q/DQ pairs around them; the
+    // Softmax and its output Q/DQ stay on the CPU.
+    assert_eq!(parsed.header.report.accelerated_nodes, 12, "{:?}", parsed.header.report);
+    let cpu: Vec<_> = parsed.header.report.cpu_ops.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+    assert_eq!(cpu, ["DequantizeLinear x1", "QuantizeLinear x1", "Softmax x1"]);
+    // The stated quantization, read exactly: onnxruntime's scales and zero points.
+    assert_eq!((layers[0].in_scale, layers[0].in_zp), (1.0 / 255.0, -128), "pixels: [0, 1] on int8");
+    // Held out: onnxruntime running the QDQ model operator by operator is the reference.
+    let got =
+        session(&image).infer(inputs(d.join("holdout.json"))).unwrap()[0].tensor.to_vec::<f32>().unwrap();
+    let want = expected_output(d.join("holdout_qdq_expected.json"));
+    let (max_steps, off_grid) = steps_apart(&got, &want, 1.0 / 255.0);
+    let labels = read_json(d.join("holdout_labels.json"));
+    let truth: Vec<usize> =
+        labels["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let (fpga, ort) = (argmax_rows(&got, 10), argmax_rows(&want, 10));
+    let agree = fpga.iter().zip(&ort).filter(|(a, b)| a == b).count();
+    let correct = |top1: &[usize]| top1.iter().zip(&truth).filter(|(a, b)| a == b).count();
+    eprintln!(
+        "digits QDQ held-out: {off_grid} of {} probabilities off onnxruntime's (max {max_steps} steps), \
+         top-1 agreement {agree}/{}, correct {} (fpga) vs {} (onnxruntime)",
+        got.len(),
+        truth.len(),
+        correct(&fpga),
+        correct(&ort)
+    );
+    // The accelerated layers are integer-exact; only the CPU's float Softmax (tract's, not
+    // onnxruntime's) may put a probability on the neighbouring grid point.
+    assert!(max_steps <= 1.0 && off_grid * 100 <= got.len(), "{off_grid} off, max {max_steps} steps");
+    assert!(agree * 100 >= truth.len() * 99, "top-1 agreement {agree}/{}", truth.len());
+    assert!(correct(&fpga).abs_diff(correct(&ort)) <= truth.len() / 100);
+}
+
+#[test]
+fn the_qdq_cnn_is_exact_layer_by_layer_and_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = fixture("cnn");
+    let (image, parsed) = compile_uncalibrated(dir.path(), &c.join("model_qdq.onnx"));
+    assert_eq!(parsed.header.layers.len(), 4, "3 convolutions and the Gemm");
+    // With calibration data, each layer is measured against tract running the QDQ model: the
+    // integers are the same, so the SQNR is recorded as exact.
+    let measured = dir.path().join("measured.kacc");
+    ok(&fpga_compile(&c.join("model_qdq.onnx"), &c.join("calibration.json"), &measured));
+    let measured = AcceleratorImage::parse(&std::fs::read(&measured).unwrap()).unwrap();
+    let sqnr: Vec<_> = measured.header.layers.iter().map(|l| l.sqnr_db).collect();
+    assert!(sqnr.iter().all(|s| *s == Some(kiln_fpga::compile::EXACT_SQNR_DB)), "{sqnr:?}");
+    let got =
+        session(&image).infer(inputs(c.join("holdout.json"))).unwrap()[0].tensor.to_vec::<f32>().unwrap();
+    let want = expected_output(c.join("holdout_qdq_expected.json"));
+    let step = parsed.header.layers[3].out_scale;
+    let (max_steps, off_grid) = steps_apart(&got, &want, step);
+    eprintln!(
+        "cnn QDQ held-out: {off_grid} of {} logits off onnxruntime's (max {max_steps} steps)",
+        got.len()
+    );
+    assert!(max_steps <= 1.0 && off_grid * 100 <= got.len(), "{off_grid} off, max {max_steps} steps");
+}
+
+#[test]
+fn qlinear_layers_chain_through_int8_ops_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = fixture("cnn");
+    let image = dir.path().join("qlinear.kacc");
+    ok(&fpga_compile(&c.join("model_qlinear.onnx"), &c.join("calibration.json"), &image));
+    let parsed = AcceleratorImage::parse(&std::fs::read(&image).unwrap()).unwrap();
+    let layers = &parsed.header.layers;
+    assert_eq!(layers.len(), 4, "{:?}", parsed.header.report);
+    assert!(layers[..3].iter().all(|l| l.replaces.iter().any(|n| n.starts_with("QLinearConv"))));
+    // The int8 MaxPools stay on the CPU between the accelerated convolutions: a QuantizeLinear
+    // after one layer and a DequantizeLinear before the next carry the integers across.
+    let cpu = &parsed.header.report.cpu_ops;
+    assert_eq!(
+        (cpu.get("MaxPool"), cpu.get("QuantizeLinear"), cpu.get("DequantizeLinear")),
+        (Some(&2), Some(&2), Some(&2)),
+        "{cpu:?}"
+    );
+    // The fp32 Gemm was calibrated; the convolutions kept their stated quantization.
+    let got =
+        session(&image).infer(inputs(c.join("holdout.json"))).unwrap()[0].tensor.to_vec::<f32>().unwrap();
+    let want = expected_output(c.join("holdout_qlinear_expected.json"));
+    let signal: f64 = want.iter().map(|&x| f64::from(x).powi(2)).sum();
+    let noise: f64 = want.iter().zip(&got).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
+    let sqnr = 10.0 * (signal / noise).log10();
+    let agree = argmax_rows(&got, 10).iter().zip(argmax_rows(&want, 10)).filter(|(a, b)| **a == *b).count();
+    eprintln!("cnn QLinear held-out: SQNR {sqnr:.1} dB against onnxruntime, top-1 agreement {agree}/32");
+    assert!(sqnr > 30.0, "SQNR {sqnr} dB");
+    assert!(agree >= 31, "top-1 agreement {agree}/32");
+}
+
+#[test]
+fn a_uint8_qlinear_conv_matches_the_specification_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = fixture("cnn");
+    let (image, parsed) = compile_uncalibrated(dir.path(), &c.join("conv1_qlinear_u8.onnx"));
+    assert_eq!(parsed.header.layers.len(), 1);
+    let got =
+        session(&image).infer(inputs(c.join("holdout.json"))).unwrap()[0].tensor.to_vec::<f32>().unwrap();
+    let want = expected_output(c.join("conv1_qlinear_u8_expected.json"));
+    let (max_steps, off_grid) = steps_apart(&got, &want, parsed.header.layers[0].out_scale);
+    eprintln!("uint8 QLinearConv: {off_grid} of {} outputs off the integer reference", got.len());
+    assert_eq!(off_grid, 0, "max {max_steps} steps");
 }

@@ -71,8 +71,10 @@ pub struct AccelLayer {
     pub requant: Vec<Requant>,
     /// Weight scale per output channel (for reports).
     pub weight_scales: Vec<f32>,
-    /// Signal-to-quantization-noise ratio on the calibration data, in dB.
-    pub sqnr_db: f64,
+    /// Signal-to-quantization-noise ratio on the calibration data, in dB; `None` when compiled
+    /// without calibration data (a model that states its own quantization).
+    #[serde(default)]
+    pub sqnr_db: Option<f64>,
     /// MACs per input row (one output position).
     pub macs_per_row: u64,
 }

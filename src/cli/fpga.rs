@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use kiln_fpga::backend::{DeviceSpec, open};
-use kiln_fpga::compile::{CompileError, compile};
+use kiln_fpga::compile::{CompileError, EXACT_SQNR_DB, compile};
 use kiln_fpga::image::{AcceleratorImage, LayerOp};
 use kiln_runtime_core::NamedTensor;
 
@@ -14,8 +14,14 @@ use crate::protocol::v2::decode_request;
 /// `kiln fpga` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum FpgaCommand {
-    /// Partition and quantize an fp32 ONNX model into an accelerator image; prints the partition
-    /// report (operators on the accelerator and on the CPU, per-layer SQNR).
+    /// Partition and quantize an ONNX model into an accelerator image; prints the partition report
+    /// (operators on the accelerator and on the CPU, per-layer SQNR).
+    ///
+    /// An fp32 model is quantized from the ranges its calibration data reaches. A model already
+    /// quantized in QDQ form (QuantizeLinear/DequantizeLinear around Conv, Gemm, MatMul) or with
+    /// QLinearConv/QLinearMatMul keeps the scales, zero points and integer weights it states, and
+    /// needs no calibration; given some, the report measures each layer against the model's own
+    /// output of that layer.
     Compile(CompileArgs),
     /// List FPGA devices and whether each is usable here.
     Devices {
@@ -28,12 +34,14 @@ pub enum FpgaCommand {
 /// Arguments of `kiln fpga compile`.
 #[derive(Debug, Args)]
 pub struct CompileArgs {
-    /// The fp32 ONNX model.
+    /// The ONNX model: fp32, or quantized in QDQ or QLinear form.
     #[arg(value_name = "MODEL.onnx")]
     pub model: PathBuf,
     /// Calibration inputs, a V2-style JSON request ({"inputs": [...]}, as for `kiln predict`).
+    /// Required for fp32 layers; optional when the model states its quantization, where it
+    /// measures SQNR.
     #[arg(long, value_name = "DATA.json")]
-    pub calibration: PathBuf,
+    pub calibration: Option<PathBuf>,
     /// Where to write the accelerator image.
     #[arg(short, long, value_name = "IMAGE")]
     pub output: PathBuf,
@@ -61,7 +69,7 @@ pub fn run(cmd: FpgaCommand) -> anyhow::Result<()> {
     match cmd {
         FpgaCommand::Compile(a) => {
             let model = kiln_runtime_core::ModelFile::read(&a.model).map_err(super::classify)?;
-            let calibration = load_calibration(&a.calibration)?;
+            let calibration = a.calibration.as_ref().map(load_calibration).transpose()?.unwrap_or_default();
             let dir = a.model.parent().and_then(|p| p.to_str()).map(str::to_string);
             let image = compile(model.bytes(), dir.as_deref(), &calibration).map_err(|e| match e {
                 CompileError::Calibration(_) | CompileError::NoSubgraph(_) => {
@@ -144,12 +152,16 @@ fn print_report(image: &AcceleratorImage, path: &Path) {
             LayerOp::Gemm => "Gemm".into(),
         };
         println!(
-            "{i:<4} {:<60} {:>6} {:>6} {:>5}  {:>9.1}",
+            "{i:<4} {:<60} {:>6} {:>6} {:>5}  {:>9}",
             format!("{op}: {}", l.replaces.join(" + ")),
             l.k,
             l.cout,
             if l.relu { "yes" } else { "no" },
-            l.sqnr_db
+            match l.sqnr_db {
+                None => "-".to_string(),
+                Some(db) if db >= EXACT_SQNR_DB => "exact".to_string(),
+                Some(db) => format!("{db:.1}"),
+            }
         );
     }
     let cpu: Vec<String> = h.report.cpu_ops.iter().map(|(k, v)| format!("{k} x{v}")).collect();
