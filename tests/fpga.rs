@@ -55,6 +55,24 @@ fn session(image: &Path) -> Box<dyn Session> {
     backend.load(&ModelFile::read(image).unwrap(), &LoadOptions::default()).unwrap()
 }
 
+/// Signal-to-noise ratio of `got` against `want`, in dB.
+fn sqnr_db(want: &[f32], got: &[f32]) -> f64 {
+    assert_eq!(want.len(), got.len());
+    let signal: f64 = want.iter().map(|&x| f64::from(x).powi(2)).sum();
+    let noise: f64 = want.iter().zip(got).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
+    10.0 * (signal / noise).log10()
+}
+
+/// Rows of 10 classes on which `got` and `want` pick the same top class.
+fn top1_agreement(got: &[f32], want: &[f32]) -> usize {
+    argmax_rows(got, 10).iter().zip(argmax_rows(want, 10)).filter(|(a, b)| **a == *b).count()
+}
+
+/// The first output of a V2 response file, as f32.
+fn expected_output(path: PathBuf) -> Vec<f32> {
+    flatten(&read_json(path)["outputs"][0]["data"]).iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
 fn argmax_rows(data: &[f32], classes: usize) -> Vec<usize> {
     data.chunks(classes)
         .map(|row| row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best }))
@@ -103,16 +121,9 @@ fn the_cnn_partitions_and_runs_end_to_end() {
     let s = session(&image);
     let out = s.infer(inputs(fixture("cnn").join("holdout.json"))).unwrap();
     let got = out[0].tensor.to_vec::<f32>().unwrap();
-    let want: Vec<f32> =
-        flatten(&read_json(fixture("cnn").join("holdout_expected.json"))["outputs"][0]["data"])
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-    let signal: f64 = want.iter().map(|&x| f64::from(x).powi(2)).sum();
-    let noise: f64 = want.iter().zip(&got).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
-    let sqnr = 10.0 * (signal / noise).log10();
-    let agreement =
-        argmax_rows(&got, 10).iter().zip(argmax_rows(&want, 10)).filter(|(a, b)| **a == *b).count();
+    let want = expected_output(fixture("cnn").join("holdout_expected.json"));
+    let sqnr = sqnr_db(&want, &got);
+    let agreement = top1_agreement(&got, &want);
     eprintln!("cnn end to end: output SQNR {sqnr:.1} dB, top-1 agreement {agreement}/32");
     assert!(sqnr > 20.0, "end-to-end SQNR {sqnr} dB");
     assert!(agreement >= 28, "top-1 agreement {agreement}/32");
@@ -411,18 +422,12 @@ fn clip_activations_fuse_and_match_onnxruntime() {
     assert!(layers[0].relu && !layers[1].relu, "Clip(0, 6) clamps at zero, Clip(-1, 1) does not");
     let out = session(&image).infer(inputs(fixture("clip_mlp").join("holdout.json"))).unwrap();
     let got = out[0].tensor.to_vec::<f32>().unwrap();
-    let want: Vec<f32> =
-        flatten(&read_json(fixture("clip_mlp").join("holdout_expected.json"))["outputs"][0]["data"])
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+    let want = expected_output(fixture("clip_mlp").join("holdout_expected.json"));
     assert_eq!(got.len(), want.len());
     let step = layers[1].out_scale;
     let max_err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let saturated = want.iter().filter(|v| v.abs() == 1.0).count();
-    let signal: f64 = want.iter().map(|&x| f64::from(x).powi(2)).sum();
-    let noise: f64 = want.iter().zip(&got).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
-    let sqnr = 10.0 * (signal / noise).log10();
+    let sqnr = sqnr_db(&want, &got);
     let exact_at_bounds =
         want.iter().zip(&got).filter(|(w, g)| w.abs() == 1.0 && (*w - *g).abs() <= step).count();
     eprintln!(
@@ -451,11 +456,6 @@ fn compile_uncalibrated(dir: &Path, model: &Path) -> (PathBuf, AcceleratorImage)
     ok(&kiln(&["fpga", "compile", model.to_str().unwrap(), "-o", out.to_str().unwrap()]));
     let parsed = AcceleratorImage::parse(&std::fs::read(&out).unwrap()).unwrap();
     (out, parsed)
-}
-
-/// The first output of a V2 response file, as f32.
-fn expected_output(path: PathBuf) -> Vec<f32> {
-    flatten(&read_json(path)["outputs"][0]["data"]).iter().map(|v| v.as_f64().unwrap() as f32).collect()
 }
 
 /// How far `got` is from `want` in steps of the quantization grid `step`: the largest distance,
@@ -555,10 +555,8 @@ fn qlinear_layers_chain_through_int8_ops_on_the_cpu() {
     let got =
         session(&image).infer(inputs(c.join("holdout.json"))).unwrap()[0].tensor.to_vec::<f32>().unwrap();
     let want = expected_output(c.join("holdout_qlinear_expected.json"));
-    let signal: f64 = want.iter().map(|&x| f64::from(x).powi(2)).sum();
-    let noise: f64 = want.iter().zip(&got).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
-    let sqnr = 10.0 * (signal / noise).log10();
-    let agree = argmax_rows(&got, 10).iter().zip(argmax_rows(&want, 10)).filter(|(a, b)| **a == *b).count();
+    let sqnr = sqnr_db(&want, &got);
+    let agree = top1_agreement(&got, &want);
     eprintln!("cnn QLinear held-out: SQNR {sqnr:.1} dB against onnxruntime, top-1 agreement {agree}/32");
     assert!(sqnr > 30.0, "SQNR {sqnr} dB");
     assert!(agree >= 31, "top-1 agreement {agree}/32");

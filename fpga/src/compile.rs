@@ -757,13 +757,7 @@ fn qlinear_activations(g: &Graph<'_>, c: &mut Candidate, claimed: &HashSet<usize
         }
         _ => {
             c.input = format!("{x}__kiln_dequantized");
-            c.pre = Some(NodeProto {
-                name: format!("{}__kiln_dequantize", label(n)),
-                op_type: "DequantizeLinear".into(),
-                input: vec![x.clone(), n.input[1].clone(), n.input[2].clone()],
-                output: vec![c.input.clone()],
-                ..Default::default()
-            });
+            c.pre = Some(boundary(n, "DequantizeLinear", [&x, &n.input[1], &n.input[2]], &c.input));
             c.probe_in = Some((x, in_q));
         }
     }
@@ -775,17 +769,22 @@ fn qlinear_activations(g: &Graph<'_>, c: &mut Candidate, claimed: &HashSet<usize
         }
         _ => {
             c.output = format!("{y}__kiln_float");
-            c.post = Some(NodeProto {
-                name: format!("{}__kiln_quantize", label(n)),
-                op_type: "QuantizeLinear".into(),
-                input: vec![c.output.clone(), n.input[6].clone(), n.input[7].clone()],
-                output: vec![y.clone()],
-                ..Default::default()
-            });
+            c.post = Some(boundary(n, "QuantizeLinear", [&c.output, &n.input[6], &n.input[7]], &y));
             c.probe_out = Some((y, out_q));
         }
     }
     Ok(())
+}
+
+/// A QuantizeLinear/DequantizeLinear the host graph runs beside QLinear layer `n`.
+fn boundary(n: &NodeProto, op_type: &str, input: [&String; 3], output: &str) -> NodeProto {
+    NodeProto {
+        name: format!("{}__kiln_{op_type}", label(n)),
+        op_type: op_type.into(),
+        input: input.map(String::clone).to_vec(),
+        output: vec![output.to_string()],
+        ..Default::default()
+    }
 }
 
 /// A stated weight scale, or a power-of-two multiple of it when the stated bias would overflow
