@@ -715,7 +715,7 @@ fn qdq_activations(g: &Graph<'_>, c: &mut Candidate, claimed: &HashSet<usize>) {
             && free(dq, &c.input)
             && free(q, q_in)
         {
-            c.nodes.splice(0..0, [label(&g.nodes[q]), label(&g.nodes[dq])]);
+            c.nodes.extend([label(&g.nodes[q]), label(&g.nodes[dq])]);
             c.node_indices.extend([q, dq]);
             c.input = g.nodes[q].input[0].clone();
         }
@@ -751,7 +751,7 @@ fn qlinear_activations(g: &Graph<'_>, c: &mut Candidate, claimed: &HashSet<usize
         |tensor: &str| !g.outputs.contains(tensor) && g.consumers.get(tensor).is_some_and(|v| v.len() == 1);
     match g.producer(&x, "QuantizeLinear") {
         Some(q) if !claimed.contains(&q) && sole(&x) && g.stated(&g.nodes[q], 1, 2) == Ok(in_q) => {
-            c.nodes.insert(0, label(&g.nodes[q]));
+            c.nodes.push(label(&g.nodes[q]));
             c.node_indices.push(q);
             c.input = g.nodes[q].input[0].clone();
         }

@@ -43,7 +43,8 @@ pub enum LayerOp {
 /// A quantized layer the accelerator runs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AccelLayer {
-    /// ONNX node names it replaces (e.g. Conv, BatchNormalization, Relu).
+    /// ONNX node names it replaces, its Conv/Gemm/MatMul first (then e.g. BatchNormalization,
+    /// Relu, and the QuantizeLinear/DequantizeLinear nodes it absorbs).
     pub replaces: Vec<String>,
     /// Its operation.
     pub op: LayerOp,

@@ -151,9 +151,16 @@ fn print_report(image: &AcceleratorImage, path: &Path) {
             LayerOp::Conv { kernel, .. } => format!("Conv {}x{}", kernel[0], kernel[1]),
             LayerOp::Gemm => "Gemm".into(),
         };
+        // The main operator first; a long list (a QDQ layer absorbs its Q/DQ nodes) is counted,
+        // `--json` has every name.
+        let mut replaces = format!("{op}: {}", l.replaces.join(" + "));
+        if replaces.chars().count() > 60 {
+            let main = l.replaces.first().map(String::as_str).unwrap_or_default();
+            replaces = format!("{op}: {main} + {} more", l.replaces.len() - 1);
+        }
         println!(
             "{i:<4} {:<60} {:>6} {:>6} {:>5}  {:>9}",
-            format!("{op}: {}", l.replaces.join(" + ")),
+            replaces,
             l.k,
             l.cout,
             if l.relu { "yes" } else { "no" },
