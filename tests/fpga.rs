@@ -34,6 +34,21 @@ fn fpga_compile(model: &Path, calibration: &Path, out: &Path) -> Output {
     ])
 }
 
+/// `kiln predict --model MODEL --input INPUT --backend BACKEND [EXTRA...]`.
+fn predict(model: &Path, input: &Path, backend: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--backend",
+        backend,
+    ];
+    args.extend_from_slice(extra);
+    kiln(&args)
+}
+
 fn compile(dir: &Path, fixture_name: &str) -> PathBuf {
     let out = dir.join(format!("{fixture_name}.kacc"));
     let f = fixture(fixture_name);
@@ -143,16 +158,9 @@ fn cli_reports_devices_partitions_and_predicts() {
     assert!(devices.contains("emulated:2") && devices.contains("yes"), "{devices}");
     assert!(devices.contains("xrt:0") && devices.contains("no"), "{devices}");
     let image = compile(dir.path(), "digits_mlp");
-    let predicted: serde_json::Value = serde_json::from_str(&ok(&kiln(&[
-        "predict",
-        "--model",
-        image.to_str().unwrap(),
-        "--input",
-        fixture("digits_mlp").join("input.json").to_str().unwrap(),
-        "--backend",
-        "fpga",
-    ])))
-    .unwrap();
+    let predicted: serde_json::Value =
+        serde_json::from_str(&ok(&predict(&image, &fixture("digits_mlp").join("input.json"), "fpga", &[])))
+            .unwrap();
     let want = read_json(fixture("digits_mlp").join("expected.json"));
     let (g, w) = (flatten(&predicted["outputs"][0]["data"]), flatten(&want["outputs"][0]["data"]));
     let gt = argmax_rows(&g.iter().map(|v| v.as_f64().unwrap() as f32).collect::<Vec<_>>(), 10);
@@ -224,19 +232,7 @@ fn bad_input_gets_clear_errors() {
         edit(&mut h);
         let other = dir.path().join("other.kacc");
         std::fs::write(&other, AcceleratorImage::new(h, parsed.payload.clone()).to_bytes()).unwrap();
-        fails(
-            &kiln(&[
-                "predict",
-                "--model",
-                other.to_str().unwrap(),
-                "--input",
-                input.to_str().unwrap(),
-                "--backend",
-                "fpga",
-            ]),
-            1,
-            needle,
-        );
+        fails(&predict(&other, &input, "fpga", &[]), 1, needle);
     }
     // A corrupt image, a plain ONNX file on the FPGA backend, an image on a CPU backend.
     let mut bytes = std::fs::read(&image).unwrap();
@@ -244,75 +240,15 @@ fn bad_input_gets_clear_errors() {
     bytes[last] ^= 0xff;
     let corrupt = dir.path().join("corrupt.kacc");
     std::fs::write(&corrupt, bytes).unwrap();
+    fails(&predict(&corrupt, &input, "fpga", &[]), 1, "accelerator image is corrupt");
+    fails(&predict(&m, &input, "fpga", &[]), 1, "compile the model first");
+    fails(&predict(&image, &input, "tract", &[]), 1, "run it with --backend fpga");
     fails(
-        &kiln(&[
-            "predict",
-            "--model",
-            corrupt.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--backend",
-            "fpga",
-        ]),
-        1,
-        "accelerator image is corrupt",
-    );
-    fails(
-        &kiln(&[
-            "predict",
-            "--model",
-            m.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--backend",
-            "fpga",
-        ]),
-        1,
-        "compile the model first",
-    );
-    fails(
-        &kiln(&[
-            "predict",
-            "--model",
-            image.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--backend",
-            "tract",
-        ]),
-        1,
-        "run it with --backend fpga",
-    );
-    fails(
-        &kiln(&[
-            "predict",
-            "--model",
-            image.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--backend",
-            "fpga",
-            "--fpga-device",
-            UNAVAILABLE_DEVICE.0,
-        ]),
+        &predict(&image, &input, "fpga", &["--fpga-device", UNAVAILABLE_DEVICE.0]),
         1,
         UNAVAILABLE_DEVICE.1,
     );
-    fails(
-        &kiln(&[
-            "predict",
-            "--model",
-            image.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--backend",
-            "fpga",
-            "--fpga-device",
-            "gpu",
-        ]),
-        2,
-        "unknown FPGA device",
-    );
+    fails(&predict(&image, &input, "fpga", &["--fpga-device", "gpu"]), 2, "unknown FPGA device");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use kiln_fpga::numerics::{
 use kiln_fpga::rtl_sim::RtlTile;
 
 mod common;
-use common::{BIAS_MAX, M0_MIN, Rng, Tile, accumulators, random_tile};
+use common::{BIAS_MAX, M0_MIN, Rng, Tile, accumulators, random_tile, uniform_tile};
 
 const DEFAULT_SEED: u64 = 0x6b69_6c6e_636f_7369;
 const DEFAULT_TILES: usize = 100_000;
@@ -48,14 +48,8 @@ fn edge_tiles(rng: &mut Rng) -> Vec<Tile> {
                 for (m0, shift) in [(i32::MAX, 31u8), (M0_MIN, 31), (i32::MAX, 0), (M0_MIN, 0)] {
                     for (zp_y, relu) in [(0i8, false), (-128, true), (127, false), (5, true)] {
                         let s = shape(ARRAY_ROWS, MAX_K, ARRAY_COLS);
-                        tiles.push(Tile {
-                            shape: s,
-                            a: vec![a; s.r * s.k],
-                            w: vec![wv; s.k * s.c],
-                            bias: vec![b; s.c],
-                            rq: vec![Requant { multiplier: m0, shift }; s.c],
-                            q: TileQuant { zp_a, zp_y, relu },
-                        });
+                        let rq = Requant { multiplier: m0, shift };
+                        tiles.push(uniform_tile(s, a, wv, b, rq, TileQuant { zp_a, zp_y, relu }));
                     }
                 }
             }

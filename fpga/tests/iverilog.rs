@@ -11,7 +11,7 @@ use std::time::Instant;
 use kiln_fpga::numerics::{MAX_K, Requant, TileQuant, TileShape, check_tile, tile, tile_cycles};
 
 mod common;
-use common::{BIAS_MAX, M0_MIN, Rng, Tile, random_tile};
+use common::{BIAS_MAX, M0_MIN, Rng, Tile, random_tile, uniform_tile};
 
 const SEED: u64 = 0x6b69_6c6e_5254_4c31;
 /// Random tiles on top of the fixed edge cases (iverilog simulates ~10k cycles/s of this design).
@@ -41,14 +41,8 @@ fn edge_tiles(rng: &mut Rng) -> Vec<Tile> {
         (-128, 127, -127, BIAS_MAX, i32::MAX, 31, false),
     ] {
         let s = full(8, MAX_K, 8);
-        tiles.push(Tile {
-            shape: s,
-            a: vec![a; s.r * s.k],
-            w: vec![wv; s.k * s.c],
-            bias: vec![b; s.c],
-            rq: vec![Requant { multiplier: m0, shift }; s.c],
-            q: TileQuant { zp_a, zp_y: 0, relu },
-        });
+        let rq = Requant { multiplier: m0, shift };
+        tiles.push(uniform_tile(s, a, wv, b, rq, TileQuant { zp_a, zp_y: 0, relu }));
     }
     // Random full-depth tiles.
     tiles.push(random_tile(rng, full(8, MAX_K, 8)));

@@ -52,6 +52,20 @@ pub struct Tile {
     pub q: TileQuant,
 }
 
+/// A tile of constant operands: every activation `a`, every weight `w`, every bias `b`, one
+/// requantization for all columns. The edge cases (extreme values, extreme multipliers and
+/// shifts at the full K) are built from these.
+pub fn uniform_tile(shape: TileShape, a: i8, w: i8, b: i32, rq: Requant, q: TileQuant) -> Tile {
+    Tile {
+        shape,
+        a: vec![a; shape.r * shape.k],
+        w: vec![w; shape.k * shape.c],
+        bias: vec![b; shape.c],
+        rq: vec![rq; shape.c],
+        q,
+    }
+}
+
 /// A random tile of the given shape, mixing uniform values with the contract's extremes.
 pub fn random_tile(rng: &mut Rng, shape: TileShape) -> Tile {
     let TileShape { r, k, c } = shape;
